@@ -1,0 +1,150 @@
+"""Compile ``csrc/`` on first use with torch.utils.cpp_extension and ninja.
+
+The compiled library only registers ops with the dispatcher (``TORCH_LIBRARY``); it has
+no Python module of its own. Builds are cached in a folder keyed by everything that
+changes the binary: the sources, the torch version, the CUDA arch list and whether the
+CUDA sources are included. ``import fastattn`` never calls into this module's build path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+LIBRARY_NAME = "fastattn_ops"
+
+
+class BuildError(RuntimeError):
+    """The C++/CUDA extension could not be compiled or loaded."""
+
+
+def sources(with_cuda: bool) -> list[Path]:
+    if not CSRC.is_dir():
+        raise BuildError(
+            f"fastattn's C++ sources were not found at {CSRC}; install fastattn from a "
+            "source checkout with `pip install -e .` (the sources are compiled on first use)"
+        )
+    found = sorted(CSRC.rglob("*.cpp"))
+    if with_cuda:
+        found += sorted(CSRC.rglob("*.cu"))
+    return found
+
+
+def _headers() -> list[Path]:
+    return sorted(p for ext in ("*.h", "*.cuh") for p in CSRC.rglob(ext))
+
+
+def cuda_home() -> str | None:
+    """nvcc's toolkit root: CUDA_HOME / CUDA_PATH, else /usr/local/cuda, if nvcc is there."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+            return candidate
+    return None
+
+
+def cuda_available_for_build() -> bool:
+    return torch.version.cuda is not None and cuda_home() is not None
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST if set, else the visible GPUs' capabilities, else Hopper."""
+    explicit = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if explicit:
+        return explicit
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    return "9.0"
+
+
+def _build_key(with_cuda: bool, arches: str) -> str:
+    digest = hashlib.sha256()
+    for path in sources(with_cuda) + _headers():
+        digest.update(str(path.relative_to(CSRC)).encode())
+        digest.update(path.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(f"cuda={with_cuda};arch={arches}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_dir(key: str) -> Path:
+    root = os.environ.get("FASTATTN_BUILD_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "fastattn"
+    return base / f"torch{torch.__version__.replace('+', '_')}-{key}"
+
+
+def _check_toolchain(with_cuda: bool) -> None:
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler (`{compiler}` is not on PATH; install g++ or set CXX)")
+    if shutil.which("ninja") is None and not (Path(sys.executable).parent / "ninja").exists():
+        missing.append("ninja (`pip install ninja`)")
+    if with_cuda and cuda_home() is None:
+        missing.append("nvcc (set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)")
+    if missing:
+        raise BuildError(
+            "fastattn compiles its kernels on first use and needs " + "; ".join(missing)
+            + ". Then call the op again, or build ahead with `python -m fastattn.build`."
+        )
+
+
+def _cflags() -> list[str]:
+    return ["-O3"]
+
+
+def _cuda_flags(arches: str) -> list[str]:
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    # Half/bfloat16 operators are used explicitly in the kernels; torch's defaults disable them.
+    flags += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    for arch in arches.replace(" ", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        number = arch.replace(".", "").replace("+PTX", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+    return flags
+
+
+def build(force_cuda: bool = False, verbose: bool = False) -> Path:
+    """Compile (or reuse) the extension and load it into the process. Returns the .so path."""
+    with_cuda = force_cuda or (cuda_available_for_build() and torch.cuda.is_available())
+    if force_cuda and torch.version.cuda is None:
+        raise BuildError("--cuda needs a CUDA build of torch; this torch is CPU-only "
+                         f"({torch.__version__})")
+    _check_toolchain(with_cuda)
+    arches = arch_list() if with_cuda else ""
+    if with_cuda:
+        os.environ.setdefault("CUDA_HOME", cuda_home() or "")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arches
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        # cpp_extension caches its guess of CUDA_HOME at import; make it agree with ours.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    key = _build_key(with_cuda, arches)
+    directory = build_dir(key)
+    directory.mkdir(parents=True, exist_ok=True)
+    defines = ["-DFASTATTN_WITH_CUDA"] if with_cuda else []
+    try:
+        cpp_extension.load(
+            name=LIBRARY_NAME,
+            sources=[str(p) for p in sources(with_cuda)],
+            extra_cflags=_cflags() + defines,
+            extra_cuda_cflags=_cuda_flags(arches) + defines if with_cuda else None,
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # the compiler's own message is in exc
+        raise BuildError(f"building fastattn's extension in {directory} failed:\n{exc}") from exc
+    return directory / f"{LIBRARY_NAME}.so"

@@ -1,0 +1,75 @@
+"""Loads the compiled ops and registers their fake (meta) and autograd implementations.
+
+Schemas live in csrc/ops.cpp; this module only adds what Python must add. Loading is lazy:
+``import fastattn`` never compiles; the first op call does (see ``ensure_loaded``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from fastattn import _build
+
+_lock = threading.Lock()
+_loaded = False
+
+
+def load() -> None:
+    """Build (or reuse the cached build of) the extension and register the Python side."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        _build.build()
+        _register()
+        _loaded = True
+
+
+@torch.compiler.assume_constant_result
+def ensure_loaded() -> bool:
+    """Cheap after the first call; under torch.compile it runs once at trace time."""
+    load()
+    return True
+
+
+def _register() -> None:
+    torch.library.register_fake("fastattn::local_attention_fwd")(_local_fwd_fake)
+    torch.library.register_fake("fastattn::local_attention_bwd")(_local_bwd_fake)
+    torch.library.register_autograd(
+        "fastattn::local_attention_fwd", _local_fwd_backward, setup_context=_local_fwd_setup
+    )
+
+
+def _local_fwd_fake(q, k, v, window_left, window_right, key_lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:-1], dtype=torch.float32
+    )
+
+
+def _local_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right,
+                    key_lengths, scale):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+def _local_fwd_setup(ctx, inputs, output):
+    q, k, v, window_left, window_right, key_lengths, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+    ctx.window = (window_left, window_right)
+    ctx.scale = scale
+
+
+def _local_fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grad_q, grad_k, grad_v = torch.ops.fastattn.local_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, *ctx.window, key_lengths, ctx.scale
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None

@@ -1,0 +1,73 @@
+"""Input checks shared by the public API: each error names the argument and the values seen."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got {name}.shape={tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            "q, k, v must have the same (B, H, L, D) shape, got "
+            f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    allowed = FLOAT_DTYPES + ((torch.float64,) if q.device.type == "cpu" else ())
+    if q.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"q.dtype must be one of {names} on {q.device.type}, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(
+                f"{name}'s last (head) dimension must be contiguous, got "
+                f"{name}.stride()={t.stride()}; call .contiguous() first"
+            )
+    if q.device.type == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(f"head dim D must be one of {CUDA_HEAD_DIMS} on CUDA, got D={q.shape[-1]}")
+
+
+def check_window(window) -> tuple[int, int]:
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
+        raise TypeError(f"window must be a pair of ints (left, right), got window={window!r}")
+    left, right = window
+    if left < 0 or right < 0:
+        raise ValueError(f"window sides must be >= 0, got window=({left}, {right})")
+    return left, right
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got scale={scale!r}")
+    return float(scale)
+
+
+def check_lengths(lengths, name: str, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Returns the lengths as a contiguous int32 (B,) tensor on ``device`` (or None)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape (B,), got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {name}.dtype={lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one per batch), got {tuple(lengths.shape)}")
+    return lengths.to(device=device, dtype=torch.int32).contiguous()
