@@ -1,0 +1,49 @@
+# fastattn's entry points. `make bench` runs the main job (the benchmark suite: the GPU if
+# there is one, else the CPU); `make test` runs the tests. Both set up what they need.
+#
+# Setup: where $(PYTHON) already has torch, pytest and pytest-benchmark (a GPU image, say),
+# it is used as is; otherwise a virtual environment .venv is made and filled from pyproject.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch
+export CUDA_HOME ?= /usr/local/cuda
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+HAVE_DEPS := $(shell $(PYTHON) -c "import torch, pytest, pytest_benchmark, numpy" >/dev/null 2>&1 && echo yes)
+PY := $(if $(HAVE_DEPS),$(PYTHON),$(VENV)/bin/python)
+ON_GPU = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available() else '')" 2>/dev/null)
+SHAPES ?= $(if $(ON_GPU),default,smoke)
+RESULTS ?= results
+
+.PHONY: setup test bench build build-cuda lint clean
+
+setup: $(if $(HAVE_DEPS),,$(VENV)/.installed)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[test,plots]"
+	touch $@
+
+build: setup
+	$(PY) -m fastattn.build
+
+# Compile check of the CUDA sources; works on a machine without a GPU.
+build-cuda: setup
+	$(PY) -m fastattn.build --cuda
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	mkdir -p $(RESULTS)
+	$(PY) -m pytest bench --benchmark-only --shapes $(SHAPES) \
+		--benchmark-json $(RESULTS)/bench.json $(BENCH_ARGS)
+
+lint: setup
+	$(PY) -m ruff check fastattn tests bench conftest.py
+
+clean:
+	rm -rf build $(RESULTS) .pytest_cache .benchmarks
