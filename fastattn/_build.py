@@ -30,10 +30,12 @@ def sources(with_cuda: bool) -> list[Path]:
             f"fastattn's C++ sources were not found at {CSRC}; install fastattn from a "
             "source checkout with `pip install -e .` (the sources are compiled on first use)"
         )
-    found = sorted(CSRC.rglob("*.cpp"))
-    if with_cuda:
-        found += sorted(CSRC.rglob("*.cu"))
-    return found
+    # Everything under csrc/cuda/ (.cu and its .cpp glue) is CUDA-only; the rest is common.
+    cuda_dir = CSRC / "cuda"
+    common = [p for p in sorted(CSRC.rglob("*.cpp")) if cuda_dir not in p.parents]
+    if not with_cuda:
+        return common
+    return common + sorted(p for ext in ("*.cpp", "*.cu") for p in cuda_dir.rglob(ext))
 
 
 def _headers() -> list[Path]:
