@@ -22,7 +22,7 @@ struct LocalAttentionParams {
   int64_t batch, heads, seq_len, head_dim;
   const int32_t* key_lengths;  // (B,) valid key counts, or nullptr for "all L"
   int64_t window_left, window_right;  // already clamped to [0, seq_len]
-  float scale;
+  double scale;  // double so float64 inputs keep their precision; kernels narrow as needed
 };
 
 struct LocalAttentionBwdParams : LocalAttentionParams {

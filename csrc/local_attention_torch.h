@@ -64,7 +64,7 @@ inline LocalAttentionParams make_params(const at::Tensor& q, const at::Tensor& k
   }
   p.window_left = std::min<int64_t>(window_left, p.seq_len);
   p.window_right = std::min<int64_t>(window_right, p.seq_len);
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   return p;
 }
 

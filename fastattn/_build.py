@@ -121,8 +121,14 @@ def build(force_cuda: bool = False, verbose: bool = False) -> Path:
     if force_cuda and torch.version.cuda is None:
         raise BuildError("--cuda needs a CUDA build of torch; this torch is CPU-only "
                          f"({torch.__version__})")
-    _check_toolchain(with_cuda)
     arches = arch_list() if with_cuda else ""
+    key = _build_key(with_cuda, arches)
+    directory = build_dir(key)
+    library = directory / f"{LIBRARY_NAME}.so"
+    if library.exists():  # the key covers sources, torch and arches: no compiler needed
+        torch.ops.load_library(str(library))
+        return library
+    _check_toolchain(with_cuda)
     if with_cuda:
         os.environ.setdefault("CUDA_HOME", cuda_home() or "")
         os.environ["TORCH_CUDA_ARCH_LIST"] = arches
@@ -131,8 +137,6 @@ def build(force_cuda: bool = False, verbose: bool = False) -> Path:
     if with_cuda:
         # cpp_extension caches its guess of CUDA_HOME at import; make it agree with ours.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    key = _build_key(with_cuda, arches)
-    directory = build_dir(key)
     directory.mkdir(parents=True, exist_ok=True)
     defines = ["-DFASTATTN_WITH_CUDA"] if with_cuda else []
     try:
@@ -149,4 +153,4 @@ def build(force_cuda: bool = False, verbose: bool = False) -> Path:
         )
     except Exception as exc:  # the compiler's own message is in exc
         raise BuildError(f"building fastattn's extension in {directory} failed:\n{exc}") from exc
-    return directory / f"{LIBRARY_NAME}.so"
+    return library

@@ -1,0 +1,56 @@
+"""Helpers shared by the local attention tests: inputs, and the float64 / same-precision check."""
+
+from __future__ import annotations
+
+import torch
+
+import fastattn
+from fastattn.reference import local_attention_reference
+from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
+
+# Error floors per dtype: rounding of one output element, so that a tiny same-precision
+# error does not make the bound vanish. float64 gradients go through the float32 lse.
+FLOORS = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_qkv(batch, heads, seq_len, head_dim, dtype, device="cpu", layout="bhld"):
+    """Random q, k, v; layout "blhd" gives (B, H, L, D) views of (B, L, H, D) storage."""
+    def one():
+        if layout == "blhd":
+            t = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype)
+            return t.transpose(1, 2)
+        return torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+
+    return one(), one(), one()
+
+
+def check_against_reference(q, k, v, window, *, key_lengths=None, scale=None, fn=None):
+    """Forward (out and lse) and gradients with random upstream gradients, against float64."""
+    fn = fn or fastattn.local_attention
+    floor = FLOORS[q.dtype]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, window, key_lengths=key_lengths, scale=scale, return_lse=True)
+
+    gold_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    gold_out, gold_lse = local_attention_reference(
+        *gold_leaves, window, key_lengths=key_lengths, scale=scale, return_lse=True)
+    same_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    same_out, same_lse = local_attention_reference(
+        *same_leaves, window, key_lengths=key_lengths, scale=scale, return_lse=True)
+
+    assert_close_to_reference(out, gold_out, same_out, floor=floor, name="out")
+    assert_close_to_reference(lse, gold_lse, same_lse.float(), floor=1e-5, name="lse")
+
+    grad_out = torch.randn_like(gold_out)
+    # lse is -inf for queries that see nothing; their lse gradient must not matter.
+    grad_lse = torch.randn_like(gold_lse).masked_fill(~torch.isfinite(gold_lse), 0)
+    for result, result_lse, inputs in ((out, lse, leaves), (gold_out, gold_lse, gold_leaves),
+                                       (same_out, same_lse, same_leaves)):
+        finite = torch.isfinite(result_lse)
+        loss = (result * grad_out.to(result.dtype)).sum()
+        loss = loss + (result_lse[finite] * grad_lse.to(result_lse.dtype)[finite]).sum()
+        loss.backward()
+    for name, actual, gold, same in zip("qkv", leaves, gold_leaves, same_leaves):
+        assert_close_to_reference(actual.grad, gold.grad, same.grad, factor=GRAD_FACTOR,
+                                  floor=floor, name=f"grad_{name}")
+    return out
