@@ -44,13 +44,12 @@ def check_against_reference(q, k, v, window, *, key_lengths=None, scale=None, fn
     grad_out = torch.randn_like(gold_out)
     # lse is -inf for queries that see nothing; their lse gradient must not matter.
     grad_lse = torch.randn_like(gold_lse).masked_fill(~torch.isfinite(gold_lse), 0)
-    for result, result_lse, inputs in ((out, lse, leaves), (gold_out, gold_lse, gold_leaves),
-                                       (same_out, same_lse, same_leaves)):
+    for result, result_lse in ((out, lse), (gold_out, gold_lse), (same_out, same_lse)):
         finite = torch.isfinite(result_lse)
         loss = (result * grad_out.to(result.dtype)).sum()
         loss = loss + (result_lse[finite] * grad_lse.to(result_lse.dtype)[finite]).sum()
         loss.backward()
-    for name, actual, gold, same in zip("qkv", leaves, gold_leaves, same_leaves):
+    for name, actual, gold, same in zip("qkv", leaves, gold_leaves, same_leaves, strict=True):
         assert_close_to_reference(actual.grad, gold.grad, same.grad, factor=GRAD_FACTOR,
                                   floor=floor, name=f"grad_{name}")
     return out

@@ -1,0 +1,71 @@
+"""The torch.library plumbing: opcheck, torch.compile, and the lse gradient path."""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ops
+from tests.local_cases import make_qkv
+
+
+def devices():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _fwd_args(device, dtype=torch.float32, requires_grad=True):
+    q, k, v = make_qkv(2, 2, 19, 16, dtype, device=device)
+    q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
+    key_lengths = torch.tensor([19, 11], dtype=torch.int32, device=device)
+    return (q, k, v, 3, 4, key_lengths, 0.25)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_forward(device):
+    _ops.load()
+    torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default, _fwd_args(device))
+    args = list(_fwd_args(device))
+    args[5] = None
+    torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_backward(device):
+    _ops.load()
+    q, k, v, left, right, key_lengths, scale = _fwd_args(device, requires_grad=False)
+    out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, left, right, key_lengths, scale)
+    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, left, right,
+            key_lengths, scale)
+    torch.library.opcheck(torch.ops.fastattn.local_attention_bwd.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_fullgraph_without_recompile(device):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.compiler.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, key_lengths):
+        out = fastattn.local_attention(q, k, v, (4, 2), key_lengths=key_lengths)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for _ in range(2):  # same shapes, fresh data: one compilation only
+        q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 23, 16, torch.float32, device=device))
+        key_lengths = torch.tensor([23, 9], device=device)
+        loss = compiled(q, k, v, key_lengths)
+        loss.backward()
+        expected_q = q.detach().clone().requires_grad_()
+        expected = step(expected_q, k.detach(), v.detach(), key_lengths)
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(q.grad, expected_q.grad)
+    assert counter.frame_count == 1
+
+
+def test_compile_with_inductor_on_cpu():
+    torch.compiler.reset()
+    q, k, v = make_qkv(1, 2, 40, 16, torch.float32)
+    fn = torch.compile(lambda q, k, v: fastattn.local_attention(q, k, v, (5, 5)) * 2,
+                       fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), fastattn.local_attention(q, k, v, (5, 5)) * 2)
