@@ -16,7 +16,7 @@ ON_GPU = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available(
 SHAPES ?= $(if $(ON_GPU),default,smoke)
 RESULTS ?= results
 
-.PHONY: setup test bench build build-cuda lint clean
+.PHONY: setup test bench bench-check bench-twice fast-transformers build build-cuda lint clean
 
 setup: $(if $(HAVE_DEPS),,$(VENV)/.installed)
 
@@ -37,10 +37,32 @@ build-cuda: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The benchmark suite: JSON (every round kept, seconds per call) in $(RESULTS)/bench.json, also
+# saved to pytest-benchmark's storage for --benchmark-compare; then the markdown table and the
+# PNG chart ($(RESULTS)/table.md, chart.png). The report is written even when a case fails.
+BENCH_PYTEST = $(PY) -m pytest bench --benchmark-only --shapes $(SHAPES) \
+	--benchmark-json $(RESULTS)/bench.json --benchmark-save-data \
+	--benchmark-storage $(RESULTS)/storage --benchmark-autosave $(BENCH_ARGS)
+
 bench: setup
 	mkdir -p $(RESULTS)
-	$(PY) -m pytest bench --benchmark-only --shapes $(SHAPES) \
-		--benchmark-json $(RESULTS)/bench.json $(BENCH_ARGS)
+	status=0; $(BENCH_PYTEST) || status=$$?; \
+	if [ -s $(RESULTS)/bench.json ]; then $(PY) -m fastattn.perf.report $(RESULTS)/bench.json --out $(RESULTS); fi; \
+	exit $$status
+
+# What the report and the gate read is in the run: per-round samples, FLOPs, TFLOP/s, device.
+bench-check: setup
+	$(PY) -m fastattn.perf.check $(RESULTS)/bench.json
+
+# Noise check: the same cases twice in a row; prints each median's change (results/noise.md).
+bench-twice: setup
+	$(MAKE) --no-print-directory bench RESULTS=$(RESULTS)/first
+	$(MAKE) --no-print-directory bench RESULTS=$(RESULTS)
+	$(PY) -m fastattn.perf.report $(RESULTS)/bench.json --out $(RESULTS) --noise $(RESULTS)/first/bench.json
+
+# fast-transformers 0.4.0, a benchmark peer, built from its sdist in .ft/ for this torch.
+fast-transformers: setup
+	$(PY) tools/build_fast_transformers.py
 
 lint: setup
 	$(PY) -m ruff check fastattn tests bench conftest.py

@@ -1,0 +1,322 @@
+"""The implementations timed side by side, each behind one small interface.
+
+Every implementation takes and returns (B, H, L, D) tensors. ``prepare`` does everything that
+must stay out of the timing (compilation, block masks, mask buffers, module construction).
+``applies`` says statically whether a case is in the implementation's scope (cases outside it
+are not generated); ``missing`` says at run time why it cannot run here (not built, not
+installed, not implemented yet): such a benchmark is skipped with that reason.
+``checked_call`` runs the implementation for the correctness check and returns its output with
+the reference to hold it to (same discrete choices, e.g. the same clustering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    create_block_mask = flex_attention = None
+
+from fastattn.reference import (
+    clustered_attention_reference,
+    improved_clustered_attention_reference,
+    local_attention_reference,
+)
+
+SMALL_SEQ_LEN = 4096  # the eager reference is timed only up to this L
+
+
+def _local_reference(case):
+    return functools.partial(local_attention_reference, window=case.window)
+
+
+class Impl:
+    name = ""
+    graphable = True
+    max_check_len: int | None = None  # check at a shorter L when the reference would be too big
+
+    def applies(self, case, device) -> bool:
+        return True
+
+    def missing(self, case, direction, device) -> str | None:
+        return None
+
+    def prepare(self, case, device):
+        raise NotImplementedError
+
+    def grads_checked(self, case) -> tuple[str, ...]:
+        return ("q", "k", "v")
+
+    def check_note(self, case) -> str:
+        return ""
+
+    def checked_call(self, fn, case, q, k, v):
+        return fn(q, k, v), _local_reference(case)
+
+
+class FastAttn(Impl):
+    name = "fastattn"
+
+    def missing(self, case, direction, device):
+        if case.op == "local":
+            return _missing_kernel("local_attention_fwd", device)
+        for name in ("cluster", case.op.replace("-", "_") + "_attention"):
+            if not hasattr(fastattn, name):
+                return f"fastattn.{name} does not exist yet"
+        return (_missing_kernel("cluster", device)
+                or _missing_kernel("clustered_attention_fwd", device))
+
+    def prepare(self, case, device):
+        if case.op == "local":
+            return functools.partial(fastattn.local_attention, window=case.window)
+        if case.op == "clustered":
+            return functools.partial(fastattn.clustered_attention, clusters=case.clusters)
+        return functools.partial(fastattn.improved_clustered_attention, clusters=case.clusters,
+                                 topk=case.topk)
+
+    def checked_call(self, fn, case, q, k, v):
+        if case.op == "local":
+            return super().checked_call(fn, case, q, k, v)
+        clustering = fastattn.cluster(q.detach(), case.clusters)
+        if case.op == "clustered":
+            out = fastattn.clustered_attention(q, k, v, clustering=clustering)
+        else:
+            out = fastattn.improved_clustered_attention(q, k, v, clustering=clustering,
+                                                        topk=case.topk)
+        return out, _clustered_reference(case, clustering.labels)
+
+
+def _missing_kernel(op: str, device) -> str | None:
+    """Why fastattn cannot run ``op`` on ``device`` (the build failed, or has no such kernel)."""
+    error = _load_error()
+    if error:
+        return f"fastattn's extension failed to build: {error}"
+    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    keys = (key, "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    if not any(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", k) for k in keys):
+        return f"this fastattn build has no {key} kernel for fastattn::{op}"
+    return None
+
+
+@functools.cache
+def _load_error() -> str | None:
+    """Builds (or loads) fastattn's extension once; a failure is reported, not retried per case."""
+    from fastattn import _ops
+
+    try:
+        _ops.ensure_loaded()
+    except Exception as exc:  # BuildError, or a toolchain problem: report it, do not time
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _clustered_reference(case, labels):
+    """The float64-able reference for ``case`` with fixed labels, sliced to the inputs' (B, H)."""
+    def reference(q, k, v):
+        lab = labels[: q.shape[0], : q.shape[1]]
+        if case.op == "clustered":
+            return clustered_attention_reference(q, k, v, lab, case.clusters)
+        return improved_clustered_attention_reference(q, k, v, lab, case.clusters, topk=case.topk)
+
+    return reference
+
+
+class FlexAttention(Impl):
+    """torch.compile'd FlexAttention with the sliding-window block mask of the case."""
+
+    name = "flex"
+
+    def applies(self, case, device):
+        return case.op == "local" and flex_attention is not None
+
+    def missing(self, case, direction, device):
+        if torch.device(device).type == "cpu" and direction != "fwd":
+            return "FlexAttention has no backward on CPU"
+        return None
+
+    def prepare(self, case, device):
+        left, right = case.window
+
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+        block_mask = create_block_mask(sliding_window, B=None, H=None, Q_LEN=case.seq_len,
+                                            KV_LEN=case.seq_len, device=device)
+        compiled = _compiled_flex()
+        return lambda q, k, v: compiled(q, k, v, block_mask)
+
+
+class FlexFallbackError(RuntimeError):
+    """FlexAttention ran outside torch.compile: its unfused path, which must not be timed."""
+
+
+def _flex_call(q, k, v, block_mask):
+    # Under torch.compile this test is a constant True and vanishes. If dynamo gives up (graph
+    # break, recompile limit) it runs this function eagerly, and FlexAttention would take its
+    # unfused path that materializes all L x L scores: refuse loudly instead of timing that.
+    if not torch.compiler.is_compiling():
+        raise FlexFallbackError(
+            "FlexAttention ran uncompiled (its unfused L x L path); torch.compile fell back to "
+            "eager for this call, so it is not timed")
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex():
+    # One compiled function serves every case: each shape/dtype/grad mode is a recompile, so
+    # allow more than dynamo's default of 8 before it would give up (and fail, above).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(_flex_call, fullgraph=True, dynamic=False)
+
+
+class Sdpa(Impl):
+    """PyTorch SDPA over all keys (causal where the window is): the dense upper bound."""
+
+    name = "sdpa"
+    max_check_len = 4096  # the dense float64 reference is L x L: check SDPA at this L at most
+
+    def applies(self, case, device):
+        return case.op == "local"
+
+    def prepare(self, case, device):
+        causal = case.window[1] == 0
+        return functools.partial(F.scaled_dot_product_attention, is_causal=causal)
+
+    def checked_call(self, fn, case, q, k, v):
+        length = q.shape[2]
+        window = (length, 0) if case.window[1] == 0 else (length, length)
+        return fn(q, k, v), functools.partial(local_attention_reference, window=window)
+
+
+class Reference(Impl):
+    """fastattn.reference in the case's dtype, eagerly: small cases only."""
+
+    name = "reference"
+
+    def applies(self, case, device):
+        return case.seq_len <= SMALL_SEQ_LEN
+
+    def missing(self, case, direction, device):
+        if case.op != "local" and not hasattr(fastattn, "cluster"):
+            return "the clustered references need labels from fastattn.cluster, which does not exist yet"
+        return None
+
+    def prepare(self, case, device):
+        if case.op == "local":
+            return _local_reference(case)
+
+        def clustered(q, k, v):
+            labels = fastattn.cluster(q.detach(), case.clusters).labels
+            return _clustered_reference(case, labels)(q, k, v)
+
+        return clustered
+
+    def checked_call(self, fn, case, q, k, v):
+        if case.op == "local":
+            return super().checked_call(fn, case, q, k, v)
+        labels = fastattn.cluster(q.detach(), case.clusters).labels
+        reference = _clustered_reference(case, labels)
+        return reference(q, k, v), reference
+
+
+class FastTransformers(Impl):
+    """fast-transformers 0.4.0 (``make fast-transformers`` builds it): float32, its own layout."""
+
+    name = "fast-transformers"
+    graphable = False  # its kernels launch on the legacy default stream: not capturable
+
+    def applies(self, case, device):
+        if case.dtype != "fp32":
+            return False
+        if case.op == "local":
+            left, right = case.window  # local_context c covers c // 2 before, c - 1 - c // 2 after
+            return left in (right, right + 1)
+        return True
+
+    def missing(self, case, direction, device):
+        if importlib.util.find_spec("fast_transformers") is None:
+            return "fast_transformers is not importable (run `make fast-transformers`)"
+        return None
+
+    def grads_checked(self, case):
+        # 0.4.0's CUDA key gradient of local attention is wrong for a non-constant upstream
+        # gradient; its q and v gradients are right, so those are what the check compares.
+        return ("q", "v") if case.op == "local" else ("q", "k", "v")
+
+    def check_note(self, case):
+        if case.op == "local":
+            return "fast-transformers 0.4.0 local key gradient is known wrong: out, dq, dv checked"
+        return ""
+
+    def prepare(self, case, device):
+        return _FastTransformersCall(case, device)
+
+    def checked_call(self, fn, case, q, k, v):
+        if case.op == "local":
+            return super().checked_call(fn, case, q, k, v)
+        with fn.capture_labels() as captured:
+            out = fn(q, k, v)
+        return out, _clustered_reference(case, captured["labels"])
+
+
+class _FastTransformersCall:
+    """One fast-transformers attention module with its masks, built outside the timing."""
+
+    def __init__(self, case, device):
+        from fast_transformers.attention import (
+            ClusteredAttention,
+            ImprovedClusteredAttention,
+            LocalAttention,
+        )
+        from fast_transformers.masking import FullMask, LengthMask
+
+        if case.op == "local":
+            module = LocalAttention(sum(case.window) + 1, attention_dropout=0.0)
+        elif case.op == "clustered":
+            module = ClusteredAttention(case.clusters, attention_dropout=0.0)
+        else:
+            module = ImprovedClusteredAttention(case.clusters, topk=case.topk,
+                                                attention_dropout=0.0)
+        self.module = module.to(device).eval()
+        self.mask = FullMask(N=case.seq_len, M=case.seq_len, device=device)
+        self.lengths = LengthMask(torch.full((case.batch,), case.seq_len, dtype=torch.long),
+                                  max_len=case.seq_len, device=device)
+        # Both are cached properties that a call would otherwise build (an L x L float matrix).
+        _ = self.mask.additive_matrix_finite, self.lengths.additive_matrix
+
+    def __call__(self, q, k, v):
+        out = self.module(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.mask,
+                          self.lengths, self.lengths)
+        return out.transpose(1, 2)
+
+    @contextlib.contextmanager
+    def capture_labels(self):
+        """Records the cluster label of each query that the next call draws."""
+        captured = {}
+        create = self.module._create_query_groups
+
+        def spy(queries, query_lengths):
+            (sorted_clusters, counts), sorted_index = create(queries, query_lengths)
+            captured["labels"] = torch.empty_like(sorted_clusters).scatter_(
+                -1, sorted_index, sorted_clusters)
+            return (sorted_clusters, counts), sorted_index
+
+        self.module._create_query_groups = spy
+        try:
+            yield captured
+        finally:
+            del self.module._create_query_groups
+
+
+IMPLS = {impl.name: impl for impl in (FastAttn(), FlexAttention(), Sdpa(), Reference(),
+                                       FastTransformers())}

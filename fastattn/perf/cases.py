@@ -1,0 +1,165 @@
+"""The one table of benchmark cases, shared by the benchmark suite and the tests.
+
+A :class:`Case` is an op at one shape and dtype; a benchmark is a case in one direction
+(``fwd``, ``bwd`` or ``fwd+bwd``) timed for one implementation. Named sets:
+
+- ``smoke``: small shapes that run every code path on 2 CPU cores in well under 2 minutes;
+- ``default``: the shapes of issue 6 (what ``make bench`` times on a GPU);
+- ``full``: ``default`` plus sweeps over sequence length, head dim and window width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+OPS = ("local", "clustered", "improved-clustered")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETS = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    dtype: str  # a key of DTYPES
+    window: tuple[int, int] | None = None  # local: (left, right), inclusive
+    clusters: int | None = None  # clustered ops
+    topk: int = 32  # improved-clustered only
+    directions: tuple[str, ...] = ("fwd", "fwd+bwd")
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got op={self.op!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got dtype={self.dtype!r}")
+        if (self.op == "local") != (self.window is not None):
+            raise ValueError(f"a window is needed by local attention and only by it: {self}")
+        if self.op != "local" and not self.clusters:
+            raise ValueError(f"{self.op} needs clusters > 0, got clusters={self.clusters}")
+        bad = set(self.directions) - set(DIRECTIONS)
+        if bad:
+            raise ValueError(f"directions must be among {DIRECTIONS}, got {sorted(bad)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.seq_len, self.head_dim)
+
+    @property
+    def params(self) -> str:
+        """The op-specific tail of the id: ``w256x256``, ``c128`` or ``c128k32``."""
+        if self.op == "local":
+            return f"w{self.window[0]}x{self.window[1]}"
+        return f"c{self.clusters}" + (f"k{self.topk}" if self.op == "improved-clustered" else "")
+
+    @property
+    def id(self) -> str:
+        """E.g. ``local-bf16-B1H16L16384D64-w256x256``."""
+        b, h, length, d = self.shape
+        return f"{self.op}-{self.dtype}-B{b}H{h}L{length}D{d}-{self.params}"
+
+    def bench_id(self, direction: str) -> str:
+        """The case in one direction, e.g. ``local-fwd-bf16-B1H16L16384D64-w256x256``.
+
+        It is the pytest-benchmark group, so every implementation of it sits in one table.
+        """
+        b, h, length, d = self.shape
+        return f"{self.op}-{direction}-{self.dtype}-B{b}H{h}L{length}D{d}-{self.params}"
+
+    def describe(self) -> dict:
+        """The case's parameters, as plain JSON values (for a benchmark's extra_info)."""
+        info = {"op": self.op, "case": self.id, "B": self.batch, "H": self.heads,
+                "L": self.seq_len, "D": self.head_dim, "dtype": self.dtype}
+        if self.op == "local":
+            info["window"] = list(self.window)
+        else:
+            info["clusters"] = self.clusters
+            if self.op == "improved-clustered":
+                info["topk"] = self.topk
+        return info
+
+    def inputs(self, device, *, generator: torch.Generator | None = None, batch=None, heads=None):
+        """Random normal q, k, v (never zeros: they hide unwritten outputs and time differently).
+
+        ``batch``/``heads`` shrink the case for a cheap correctness check at the same L, D, window.
+        """
+        shape = (batch or self.batch, heads or self.heads, self.seq_len, self.head_dim)
+        return tuple(torch.randn(shape, generator=generator, device=device,
+                                 dtype=torch.float32).to(self.torch_dtype) for _ in range(3))
+
+    def with_(self, **changes) -> Case:
+        return replace(self, **changes)
+
+
+def _local(b, h, length, d, window, dtype="bf16", directions=("fwd", "fwd+bwd")):
+    return Case("local", b, h, length, d, dtype, window=tuple(window), directions=directions)
+
+
+def _clustered(op, b, h, length, d, clusters, dtype, directions=("fwd", "fwd+bwd"), topk=32):
+    return Case(op, b, h, length, d, dtype, clusters=clusters, topk=topk, directions=directions)
+
+
+_DEFAULT_LOCAL = [
+    (4, 16, 4096, 64, (128, 128)),
+    (1, 16, 16384, 64, (256, 256)),
+    (1, 16, 65536, 64, (256, 256)),
+    (2, 16, 16384, 128, (512, 512)),
+    (1, 16, 16384, 128, (2047, 0)),
+    (1, 16, 32768, 128, (1024, 1023)),
+]
+_DEFAULT_CLUSTERED = [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]
+
+
+def _default() -> list[Case]:
+    cases = [_local(*shape) for shape in _DEFAULT_LOCAL]
+    cases += [_local(*shape, dtype="fp32") for shape in _DEFAULT_LOCAL[:2]]
+    for op in ("clustered", "improved-clustered"):
+        for dtype in ("fp32", "bf16"):
+            cases += [_clustered(op, *shape, dtype) for shape in _DEFAULT_CLUSTERED]
+    return cases
+
+
+def _smoke() -> list[Case]:
+    return [
+        _local(1, 2, 256, 32, (32, 32), dtype="fp32"),
+        _local(1, 2, 256, 64, (64, 0), dtype="bf16", directions=("fwd", "bwd")),
+        _clustered("clustered", 1, 2, 256, 32, 16, "fp32"),
+        _clustered("improved-clustered", 1, 2, 256, 32, 16, "fp32", topk=16),
+    ]
+
+
+def _sweeps() -> list[Case]:
+    """One knob at a time around (1, 16, 16384, 64, (256, 256)) in bf16."""
+    cases = [_local(1, 16, length, 64, (256, 256))
+             for length in (1024, 2048, 4096, 8192, 32768, 131072)]
+    cases += [_local(1, 16, 16384, d, (256, 256)) for d in (16, 32, 96, 128)]
+    cases += [_local(1, 16, 16384, 64, (w, w)) for w in (16, 64, 128, 512, 1024, 2048)]
+    cases += [_local(1, 16, 16384, 64, (w, 0)) for w in (255, 1023, 4095)]
+    return [c.with_(directions=DIRECTIONS) for c in cases]
+
+
+def case_set(name: str) -> list[Case]:
+    """The cases of a named set, without duplicates, in a stable order."""
+    if name not in SETS:
+        raise ValueError(f"case set must be one of {SETS}, got {name!r}")
+    if name == "smoke":
+        cases = _smoke()
+    elif name == "default":
+        cases = _default()
+    else:
+        cases = _default() + _sweeps()
+    seen, unique = set(), []
+    for case in cases:
+        if case.id not in seen:
+            seen.add(case.id)
+            unique.append(case)
+    return unique

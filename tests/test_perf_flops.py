@@ -1,0 +1,94 @@
+"""The FLOP/byte model against brute-force mask counts, and the shared case table."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastattn.perf import flops
+from fastattn.perf.cases import SETS, case_set
+
+
+def brute_pairs(seq_len, window, key_length=None):
+    left, right = window
+    i = torch.arange(seq_len).view(-1, 1)
+    j = torch.arange(seq_len).view(1, -1)
+    keys = seq_len if key_length is None else key_length
+    return int(((j >= i - left) & (j <= i + right) & (j < keys)).sum())
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 7, 64, 129])
+def test_pairs_match_a_brute_force_mask_count(seq_len):
+    windows = [(0, 0), (1, 0), (0, 1), (3, 5), (5, 3), (seq_len - 1, 0), (seq_len, seq_len),
+               (10**6, 10**6), (2047, 0)]
+    for window, key_length in itertools.product(windows, [None, 0, 1, seq_len // 2, seq_len, 10**6]):
+        expected = brute_pairs(seq_len, window, key_length)
+        assert flops.local_pairs(seq_len, window, key_length) == expected, (seq_len, window, key_length)
+
+
+def test_flops_sum_key_lengths_per_batch_and_scale_by_direction():
+    seq_len, window, lengths = 50, (4, 7), [0, 19, 50]
+    pairs = sum(brute_pairs(seq_len, window, n) for n in lengths)
+    fwd = flops.local_flops(3, 2, seq_len, 16, window, key_lengths=lengths)
+    assert fwd == 4 * 16 * 2 * pairs
+    assert flops.local_flops(3, 2, seq_len, 16, window, key_lengths=lengths, direction="bwd") == 2.5 * fwd
+    assert flops.local_flops(3, 2, seq_len, 16, window, key_lengths=lengths,
+                             direction="fwd+bwd") == 3.5 * fwd
+
+
+def test_closed_form_at_lengths_no_mask_could_hold():
+    seq_len, w = 2**30, 1000
+    # Interior queries see 2w + 1 keys; the first and last w queries lose 1..w each.
+    assert flops.local_pairs(seq_len, (w, w)) == seq_len * (2 * w + 1) - w * (w + 1)
+    assert flops.local_pairs(seq_len, (w, 0)) == seq_len * (w + 1) - w * (w + 1) // 2
+
+
+def test_clustered_flops_count_centroid_and_topk_pairs():
+    assert flops.clustered_flops(2, 8, 4096, 64, 128) == 4 * 64 * 2 * 8 * 128 * 4096
+    improved = flops.clustered_flops(2, 8, 4096, 64, 128, topk=32)
+    assert improved == 4 * 64 * 2 * 8 * (128 * 4096 + 4096 * 32)
+
+
+def test_bytes_read_inputs_and_write_outputs_once():
+    case = next(c for c in case_set("default") if c.id == "local-bf16-B1H16L16384D64-w256x256")
+    one = 1 * 16 * 16384 * 64 * 2
+    assert flops.case_bytes(case, "fwd") == 4 * one
+    assert flops.case_bytes(case, "fwd+bwd") == 12 * one
+    assert flops.case_flops(case, "fwd") == 4 * 64 * 16 * brute_pairs(16384, (256, 256))
+
+
+def test_default_set_is_issue_6s_table():
+    default = case_set("default")
+    local = {(c.batch, c.heads, c.seq_len, c.head_dim, c.window, c.dtype)
+             for c in default if c.op == "local"}
+    shapes = [(4, 16, 4096, 64, (128, 128)), (1, 16, 16384, 64, (256, 256)),
+              (1, 16, 65536, 64, (256, 256)), (2, 16, 16384, 128, (512, 512)),
+              (1, 16, 16384, 128, (2047, 0)), (1, 16, 32768, 128, (1024, 1023))]
+    assert local == {s + ("bf16",) for s in shapes} | {s + ("fp32",) for s in shapes[:2]}
+    clustered = {(c.op, c.batch, c.heads, c.seq_len, c.head_dim, c.clusters, c.dtype)
+                 for c in default if c.op != "local"}
+    assert clustered == {(op, *s, dtype) for op in ("clustered", "improved-clustered")
+                         for s in [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]
+                         for dtype in ("fp32", "bf16")}
+    assert all(c.directions == ("fwd", "fwd+bwd") for c in default)
+
+
+def test_sets_have_unique_readable_ids_and_full_extends_default():
+    for name in SETS:
+        ids = [c.id for c in case_set(name)]
+        assert len(ids) == len(set(ids))
+    assert {c.id for c in case_set("default")} <= {c.id for c in case_set("full")}
+    case = case_set("default")[1]
+    assert case.id == "local-bf16-B1H16L16384D64-w256x256"
+    assert case.bench_id("fwd") == "local-fwd-bf16-B1H16L16384D64-w256x256"
+    # smoke runs every op on 2 CPU cores: keep it tiny.
+    assert {c.op for c in case_set("smoke")} == {"local", "clustered", "improved-clustered"}
+    assert all(c.batch * c.heads * c.seq_len <= 2048 for c in case_set("smoke"))
+
+
+def test_case_inputs_are_random_not_zeros():
+    case = case_set("smoke")[0]
+    q, k, v = case.inputs("cpu", generator=torch.Generator().manual_seed(0))
+    assert q.shape == case.shape and q.dtype == case.torch_dtype
+    assert q.float().std() > 0.5
+    assert not torch.equal(q, k)
