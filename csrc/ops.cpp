@@ -13,4 +13,26 @@ TORCH_LIBRARY(fastattn, m) {
       "local_attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, int window_left, int window_right, Tensor? key_lengths, "
       "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // Clustering of the queries (not differentiable): LSH by the rows of planes (bits, D + 1:
+  // normal, then bias), then Lloyd k-means in Hamming space. seed is a (1,) int64 tensor on
+  // q's device that picks re-seeding queries for empty clusters. labels (B, H, L) int64 is -1
+  // for queries past query_lengths; counts (B, H, clusters) int64.
+  m.def(
+      "cluster(Tensor q, Tensor planes, Tensor seed, Tensor? query_lengths, int clusters, "
+      "int iterations) -> (Tensor labels, Tensor counts)");
+  // Clustered attention given labels (B, H, L). topk == 0: every query gets its centroid's
+  // output; topk > 0 (improved): exact attention over its cluster's top-k keys, weighted by the
+  // centroid's mass on them, plus the centroid's attention over the other keys. Besides out,
+  // the outputs are what the backward needs (float32, or float64 for float64 inputs):
+  // lse (B, H, L) of each query's top-k softmax, centroid_lse and mass (B, H, clusters),
+  // topk_idx (B, H, clusters, topk) int32, ascending key indices, -1 past the valid keys.
+  m.def(
+      "clustered_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor labels, int clusters, "
+      "int topk, Tensor? key_lengths, float scale) -> (Tensor out, Tensor lse, "
+      "Tensor centroid_lse, Tensor mass, Tensor topk_idx)");
+  m.def(
+      "clustered_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor labels, "
+      "Tensor lse, Tensor centroid_lse, Tensor mass, Tensor topk_idx, int clusters, "
+      "Tensor? key_lengths, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

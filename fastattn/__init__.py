@@ -6,6 +6,9 @@ Importing never compiles anything; the C++/CUDA extension is built on the first 
 
 from fastattn._build import BuildError
 from fastattn.local import local_attention
+from fastattn.clustered import (Clustering, cluster, clustered_attention,
+                                improved_clustered_attention)
 
-__all__ = ["BuildError", "local_attention"]
+__all__ = ["BuildError", "local_attention", "Clustering", "cluster", "clustered_attention",
+           "improved_clustered_attention"]
 __version__ = "0.1.0"

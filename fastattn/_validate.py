@@ -71,3 +71,13 @@ def check_lengths(lengths, name: str, batch: int, device: torch.device) -> torch
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one per batch), got {tuple(lengths.shape)}")
     return lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def check_int(value, name: str, low: int, high: int | None = None) -> int:
+    """An int (not bool) in [low, high]; the error names the argument, the bounds and the value."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {name}={value}")
+    return value

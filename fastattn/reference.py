@@ -64,14 +64,15 @@ def cluster_centroids(q, labels, num_clusters: int):
 
 
 def _centroid_attention(q, k, labels, num_clusters, key_lengths, scale):
+    """Centroid probabilities over the keys and the scaled scores (-inf past key_lengths)."""
     batch, _, seq_len, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     centroids = cluster_centroids(q, labels, num_clusters)
     limit = _key_limit(key_lengths, batch, seq_len, q.device).view(batch, 1, 1, 1)
     visible = torch.arange(seq_len, device=q.device).view(1, 1, 1, -1) < limit
-    scores = centroids @ k.transpose(-1, -2) * scale
+    scores = (centroids @ k.transpose(-1, -2) * scale).masked_fill(~visible, _NEG_INF)
     weights, denom, _ = _masked_softmax_parts(scores, visible.expand_as(scores))
-    return weights / denom, visible, scale
+    return weights / denom, scores, scale
 
 
 def _broadcast(per_cluster, labels):
@@ -88,19 +89,31 @@ def clustered_attention_reference(q, k, v, labels, num_clusters: int, *, key_len
     return _broadcast(probs @ v, labels)
 
 
+def top_keys(scores, topk: int):
+    """Each row's ``topk`` highest scores (ties to the lower key index) as indices, and
+    whether each is a real key (-inf scores, past key_lengths, are never selected)."""
+    top = min(topk, scores.shape[-1])
+    # A stable descending sort keeps equal scores in ascending key order.
+    order = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[..., :top]
+    return order, torch.isfinite(scores.detach().gather(-1, order))
+
+
 def improved_clustered_attention_reference(q, k, v, labels, num_clusters: int, *, topk: int = 32,
-                                           key_lengths=None, scale=None, chunk: int = 512):
+                                           key_lengths=None, scale=None, top_idx=None,
+                                           chunk: int = 512):
     """Exact attention over each cluster's top-k keys (scaled by the centroid's mass on them)
-    plus the centroid's attention over the remaining keys."""
-    probs, visible, scale = _centroid_attention(q, k, labels, num_clusters, key_lengths, scale)
-    seq_len = k.shape[2]
-    top = min(topk, seq_len)
-    top_idx = probs.topk(top, dim=-1).indices  # (B, H, C, top)
-    top_probs = probs.gather(-1, top_idx)
-    mass = top_probs.sum(-1, keepdim=True)  # (B, H, C, 1)
-    rest = probs.scatter(-1, top_idx, torch.zeros_like(top_probs))
+    plus the centroid's attention over the remaining keys. ``top_idx`` (B, H, C, top), -1 for
+    no key, replaces the selection (e.g. by a kernel's, to compare near-ties alike)."""
+    probs, scores, scale = _centroid_attention(q, k, labels, num_clusters, key_lengths, scale)
+    if top_idx is None:
+        top_idx, top_valid = top_keys(scores, topk)  # (B, H, C, top)
+    else:
+        top_valid, top_idx = top_idx >= 0, top_idx.long().clamp_min(0)
+    in_top = torch.zeros_like(probs, dtype=torch.long).scatter_add(-1, top_idx,
+                                                                   top_valid.long()) > 0
+    mass = probs.masked_fill(~in_top, 0).sum(-1, keepdim=True)  # (B, H, C, 1)
+    rest = probs.masked_fill(in_top, 0)
     base = _broadcast(rest @ v, labels)
-    top_valid = visible.expand(*probs.shape).gather(-1, top_idx)
     outs = []
     for start in range(0, q.shape[2], chunk):
         lab = labels[:, :, start:start + chunk]
@@ -114,3 +127,60 @@ def improved_clustered_attention_reference(q, k, v, labels, num_clusters: int, *
         local = ((weights / denom).unsqueeze(-2) @ values).squeeze(-2)
         outs.append(local * _broadcast(mass, lab))
     return base + torch.cat(outs, dim=2)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _reseed_query(seed: int, row: int, round_: int, cluster: int, n: int) -> int:
+    return _mix64((_mix64((_mix64((seed + row) & _MASK64) + round_) & _MASK64) + cluster)
+                  & _MASK64) % n
+
+
+def cluster_reference(q, planes, seed: int, num_clusters: int, iterations: int,
+                      query_lengths=None):
+    """fastattn.cluster's algorithm, step by step: returns (labels, counts) as int64.
+
+    ``planes`` (bits, D + 1) and ``seed`` are what fastattn.cluster draws from its generator.
+    Hashes come from float64 projections, so a query within rounding of a hyperplane may
+    hash differently from the float32 kernels.
+    """
+    batch, heads, seq_len, _ = q.shape
+    planes = planes.double().cpu()
+    projections = q.detach().double().cpu() @ planes[:, :-1].T  # (B, H, L, bits)
+    codes = projections > planes[:, -1]
+    lengths = _key_limit(query_lengths, batch, seq_len, "cpu")
+    labels = torch.full((batch, heads, seq_len), -1, dtype=torch.int64)
+    counts = torch.zeros(batch, heads, num_clusters, dtype=torch.int64)
+    for b in range(batch):
+        n = int(lengths[b])
+        for h in range(heads):
+            if n == 0:
+                continue
+            row = b * heads + h
+            code = codes[b, h, :n]  # (n, bits) bool
+            centroids = torch.stack([
+                code[c if c < n else _reseed_query(seed, row, 0, c, n)]
+                for c in range(num_clusters)])
+            for t in range(iterations + 1):
+                distance = (code[:, None, :] != centroids[None, :, :]).sum(-1)  # (n, C)
+                assign = distance.argmin(-1)  # first minimum: ties to the lower cluster
+                members = torch.bincount(assign, minlength=num_clusters)
+                if t == iterations:
+                    break
+                ones = torch.zeros(num_clusters, code.shape[1], dtype=torch.int64)
+                ones.index_add_(0, assign, code.long())
+                majority = 2 * ones > members[:, None]
+                centroids = torch.stack([
+                    majority[c] if members[c] > 0 else code[_reseed_query(seed, row, t + 1, c, n)]
+                    for c in range(num_clusters)])
+            labels[b, h, :n] = assign
+            counts[b, h] = members
+    return labels, counts
