@@ -1,0 +1,113 @@
+"""Dev probe for the CUDA clustered attention ops: a correctness spot check at full size, then
+GPU time of fastattn.cluster / clustered_attention / improved_clustered_attention (forward and
+forward+backward, clustering included unless said) vs SDPA full attention, on issue 4's
+shapes. Each figure is the median over samples of a CUDA graph of several calls (the timer of
+fastattn.perf.timing), divided by the calls, without L2 flush.
+
+    PYTHONPATH=. python tools/clustered_probe.py [--quick] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.perf.timing import TimingConfig, plan_gpu
+from fastattn.reference import improved_clustered_attention_reference
+
+CASES = [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]  # (B, H, L, D, C)
+BITS, ITERATIONS, TOPK = 63, 10, 32
+
+
+def gpu_ms(fn, samples: int) -> float:
+    plan = plan_gpu(fn, TimingConfig(flush_l2=False))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        plan.target()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / plan.calls_per_round)
+    return statistics.median(times)
+
+
+def forward_backward(fn, leaves, grad):
+    def run():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, grad)
+    return run
+
+
+def spot_check(q, k, v, clustering, clusters):
+    """Improved attention (float32 kernel) vs the float64 reference with the kernel's top-k."""
+    fwd = torch.ops.fastattn.clustered_attention_fwd(
+        q, k, v, clustering.labels, clusters, TOPK, None, q.shape[-1] ** -0.5)
+    gold = improved_clustered_attention_reference(
+        q.double(), k.double(), v.double(), clustering.labels, clusters, top_idx=fwd[4])
+    return (fwd[0].double() - gold).abs().max().item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the first case only, fewer samples")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    samples = 5 if args.quick else 15
+    results = []
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for batch, heads, seq_len, head_dim, clusters in CASES[:1] if args.quick else CASES:
+        shape = f"B{batch} H{heads} L{seq_len} D{head_dim} C{clusters}"
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=dtype)
+                       for _ in range(3))
+            clustering = fastattn.cluster(q, clusters, bits=BITS, iterations=ITERATIONS)
+            if dtype == torch.float32 and seq_len <= 4096:
+                print(f"{shape}: improved fp32 max |err| vs float64 = "
+                      f"{spot_check(q, k, v, clustering, clusters):.2e}")
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            grad = torch.randn_like(q)
+            opts = dict(bits=BITS, iterations=ITERATIONS)
+            ops = {
+                "cluster": lambda: fastattn.cluster(q, clusters, **opts),
+                "clustered fwd": lambda: fastattn.clustered_attention(q, k, v, clusters, **opts),
+                "clustered fwd (given clustering)": lambda: fastattn.clustered_attention(
+                    q, k, v, clustering=clustering),
+                "improved fwd": lambda: fastattn.improved_clustered_attention(
+                    q, k, v, clusters, topk=TOPK, **opts),
+                "improved fwd (given clustering)": lambda: fastattn.improved_clustered_attention(
+                    q, k, v, clustering=clustering, topk=TOPK),
+                "clustered fwd+bwd": forward_backward(
+                    lambda *t: fastattn.clustered_attention(*t, clusters, **opts), leaves, grad),
+                "improved fwd+bwd": forward_backward(
+                    lambda *t: fastattn.improved_clustered_attention(*t, clusters, topk=TOPK,
+                                                                     **opts), leaves, grad),
+                "sdpa fwd": lambda: F.scaled_dot_product_attention(q, k, v),
+                "sdpa fwd+bwd": forward_backward(F.scaled_dot_product_attention, leaves, grad),
+            }
+            timings = {}
+            for name, fn in ops.items():
+                try:
+                    timings[name] = gpu_ms(fn, samples)
+                except Exception as exc:  # report and go on: a probe, not a gate
+                    print(f"  {name}: failed: {type(exc).__name__}: {exc}")
+            dname = str(dtype).replace("torch.", "")
+            sdpa = timings.get("sdpa fwd")
+            for name, ms in timings.items():
+                ratio = f"  ({sdpa / ms:.2f}x SDPA fwd)" if sdpa and "fwd" in name and "bwd" not in name else ""
+                print(f"{shape} {dname:8s} {name:34s} {ms:8.3f} ms{ratio}")
+                results.append(dict(shape=shape, dtype=dname, op=name, ms=ms))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
