@@ -69,3 +69,53 @@ lint: setup
 
 clean:
 	rm -rf build $(RESULTS) .pytest_cache .benchmarks
+
+# --- the regression gate (docs/gate.md) -----------------------------------------------------
+# `make baseline`: run the suite (`make bench`) and promote the run to
+# $(BASELINES)/<device>.json, atomically. `make compare`: run the suite and gate it against
+# this device's baseline (exit 1 on a regression, 2 if there is no baseline or the run is
+# unusable); GATE_RUN=file gates an existing run instead. `make history`: trend table and
+# plots of the runs saved under $(HISTORY_DIR) (HISTORY_ADD=file adds one first).
+BASELINES ?= bench/baselines
+THRESHOLDS ?= bench/thresholds.toml
+HISTORY_DIR ?= $(RESULTS)/storage
+GATE_RUN ?=
+HISTORY_ADD ?=
+GATE_BENCH = $(MAKE) --no-print-directory bench BENCH_ARGS="--benchmark-save-data $(BENCH_ARGS)"
+# A regression stands only if a second timing of the case, in a fresh process, shows it too.
+GATE_CONFIRM = $(MAKE) --no-print-directory bench RESULTS=$(RESULTS)/confirm \
+	BENCH_ARGS="--benchmark-save-data $(BENCH_ARGS) -k {k}"
+
+.PHONY: gate-setup baseline compare history gate-selftest gate-gpu-check
+
+# What the gate's own checks need beyond `setup`: scipy, matplotlib, pyyaml and actionlint.
+gate-setup: setup
+	$(PY) -m pip install -q -e ".[gate]"
+
+baseline: setup
+	$(GATE_BENCH)
+	$(PY) -m fastattn.perf baseline $(RESULTS)/bench.json --dir $(BASELINES)
+
+compare: setup
+	$(if $(GATE_RUN),,$(GATE_BENCH))
+	$(PY) -m fastattn.perf compare --baseline-dir $(BASELINES) --thresholds $(THRESHOLDS) \
+		--markdown $(RESULTS)/gate.md --confirm-with '$(GATE_CONFIRM)' \
+		--confirm-run $(RESULTS)/confirm/bench.json $(GATE_ARGS) $(or $(GATE_RUN),$(RESULTS)/bench.json)
+
+history: setup
+	$(PY) -m fastattn.perf history --storage $(HISTORY_DIR) --out $(RESULTS)/history \
+		--thresholds $(THRESHOLDS) $(if $(HISTORY_ADD),--add $(HISTORY_ADD)) $(GATE_ARGS)
+
+# The gate's acceptance on this machine (tools/gate_selftest.sh): two runs of this commit
+# compared -> 0, the second x1.2 -> 1, a truncated file -> 2, and the history renders.
+# On a CPU (CI) the runs are the fastattn local cases of the smoke set (GATE_SELECT), one
+# thread each, a second of timing per case.
+GATE_SELECT ?= fastattn and local
+gate-selftest: setup
+	PY="$(PY)" MAKE="$(MAKE)" OUT=$(RESULTS)/gate-selftest OMP_NUM_THREADS=1 \
+		GATE_SELECT="$(GATE_SELECT)" GATE_BENCH_ARGS="--bench-budget 1" tools/gate_selftest.sh
+
+# The GPU acceptance: the same with two full default runs.
+gate-gpu-check: setup
+	PY="$(PY)" MAKE="$(MAKE)" OUT=$(RESULTS)/gate-gpu-check SHAPES=default \
+		GATE_SELECT= GATE_BENCH_ARGS="$(BENCH_ARGS)" tools/gate_selftest.sh

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The regression gate's acceptance (issue 7) on real runs of this machine:
+#   1. two benchmark runs of the same commit compared          -> exit 0
+#   2. the second run with every sample scaled by 1.2           -> exit 1
+#   3. a truncated run file                                      -> exit 2
+#   4. the verdict table and the history (table + plots) of the two runs render.
+# `make gate-selftest` runs it on a few cases of the CPU smoke set in CI; `make gate-gpu-check`
+# runs it with two full default runs on a GPU.
+#
+# Environment: PY (python with the project), MAKE, OUT (folder, default results/gate-selftest),
+# GATE_SELECT (a pytest -k expression of the cases to run; all if empty), GATE_BENCH_ARGS (more
+# pytest arguments of each run), GATE_THRESHOLD (the gate's threshold, default 5%).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-python3}"
+MAKE="${MAKE:-make}"
+OUT="${OUT:-results/gate-selftest}"
+THRESHOLD="${GATE_THRESHOLD:-5%}"
+mkdir -p "$OUT"
+
+ARGS="--benchmark-save-data ${GATE_BENCH_ARGS:-}"
+bench() {  # bench <name>: one run of `make bench` (per-round samples saved) -> $OUT/<name>.json
+  "$MAKE" --no-print-directory bench RESULTS="$OUT/$1" BENCH_ARGS="$ARGS${GATE_SELECT:+ -k '$GATE_SELECT'}"
+  mv "$OUT/$1/bench.json" "$OUT/$1.json"
+}
+
+expect() {  # expect <exit code> <command...>
+  local want="$1" rc=0
+  shift
+  "$@" || rc=$?
+  if [ "$rc" -ne "$want" ]; then
+    echo "gate selftest: FAILED: expected exit $want, got $rc from: $*" >&2
+    exit 1
+  fi
+  echo "gate selftest: exit $rc as expected from: $*"
+}
+
+bench first
+bench second
+
+gate=("$PY" -m fastattn.perf compare --threshold "$THRESHOLD")
+# As `make compare` does, a regression stands only if a rerun of the case shows it again.
+expect 0 "${gate[@]}" "$OUT/first.json" "$OUT/second.json" --markdown "$OUT/aa.md" \
+  --confirm-with "$MAKE --no-print-directory bench RESULTS=$OUT/confirm BENCH_ARGS=\"$ARGS -k {k}\"" \
+  --confirm-run "$OUT/confirm/bench.json"
+"$PY" -c 'import json, sys
+from fastattn.perf.runs import scaled
+json.dump(scaled(json.load(open(sys.argv[1])), 1.2), open(sys.argv[2], "w"))' "$OUT/second.json" "$OUT/slow.json"
+# The planted regression's table is not this job's verdict: keep it out of the step summary.
+expect 1 env -u GITHUB_STEP_SUMMARY "${gate[@]}" "$OUT/first.json" "$OUT/slow.json" --markdown "$OUT/slow.md"
+head -c "$(( $(wc -c < "$OUT/second.json") / 2 ))" "$OUT/second.json" > "$OUT/truncated.json"
+expect 2 "${gate[@]}" "$OUT/first.json" "$OUT/truncated.json"
+expect 0 "$PY" -m fastattn.perf history "$OUT/first.json" "$OUT/second.json" --threshold "$THRESHOLD" --out "$OUT/history"
+echo "gate selftest: passed; verdict tables and history in $OUT"
