@@ -115,7 +115,9 @@ gate-selftest: setup
 	PY="$(PY)" MAKE="$(MAKE)" OUT=$(RESULTS)/gate-selftest OMP_NUM_THREADS=1 \
 		GATE_SELECT="$(GATE_SELECT)" GATE_BENCH_ARGS="--bench-budget 1" tools/gate_selftest.sh
 
-# The GPU acceptance: the same with two full default runs.
+# The GPU acceptance: the same with two default runs (all cases, or GATE_GPU_SELECT); with
+# GATE_REUSE=1 a run already made is kept, so a call cut short by a time limit can resume.
+GATE_GPU_SELECT ?=
 gate-gpu-check: setup
 	PY="$(PY)" MAKE="$(MAKE)" OUT=$(RESULTS)/gate-gpu-check SHAPES=default \
-		GATE_SELECT= GATE_BENCH_ARGS="$(BENCH_ARGS)" tools/gate_selftest.sh
+		GATE_SELECT="$(GATE_GPU_SELECT)" GATE_BENCH_ARGS="$(BENCH_ARGS)" tools/gate_selftest.sh

@@ -9,7 +9,8 @@
 #
 # Environment: PY (python with the project), MAKE, OUT (folder, default results/gate-selftest),
 # GATE_SELECT (a pytest -k expression of the cases to run; all if empty), GATE_BENCH_ARGS (more
-# pytest arguments of each run), GATE_THRESHOLD (the gate's threshold, default 5%).
+# pytest arguments of each run), GATE_THRESHOLD (the gate's threshold, default 5%),
+# GATE_REUSE=1 (keep a run already in $OUT: a call cut short by a time limit resumes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
@@ -20,6 +21,7 @@ mkdir -p "$OUT"
 
 ARGS="--benchmark-save-data ${GATE_BENCH_ARGS:-}"
 bench() {  # bench <name>: one run of `make bench` (per-round samples saved) -> $OUT/<name>.json
+  if [ "${GATE_REUSE:-0}" = 1 ] && [ -s "$OUT/$1.json" ]; then echo "gate selftest: reusing $OUT/$1.json"; return; fi
   "$MAKE" --no-print-directory bench RESULTS="$OUT/$1" BENCH_ARGS="$ARGS${GATE_SELECT:+ -k '$GATE_SELECT'}"
   mv "$OUT/$1/bench.json" "$OUT/$1.json"
 }
