@@ -99,7 +99,7 @@ def trends(runs: list[Run], thresholds: Thresholds, alpha: float) -> dict[str, d
             if reference is None:
                 reference = case.samples
             else:
-                j = stats.judge(reference, case.samples, thresholds.for_case(fullname), alpha)
+                j = stats.judge(reference, case.samples, thresholds.for_case(fullname), alpha, interval=False)
                 if j.verdict in MARKS:
                     mark, ratio, reference = j.verdict, j.ratio, case.samples
             points.append(Point(float(med), float(q1), float(q3), mark, ratio))

@@ -200,9 +200,11 @@ class Judgement:
     threshold: float
 
 
-def judge(base, run, threshold: float = DEFAULT_THRESHOLD, alpha: float = ALPHA, *, backend: str = "auto") -> Judgement:
+def judge(base, run, threshold: float = DEFAULT_THRESHOLD, alpha: float = ALPHA, *, backend: str = "auto",
+          interval: bool = True) -> Judgement:
     """Verdict for one case. "slower?"/"faster?": the medians moved beyond the threshold but the
-    rounds do not show it clearly (too few or too noisy); reported, never failed."""
+    rounds do not show it clearly (too few or too noisy); reported, never failed.
+    `interval=False` skips the ratio interval (~80 p-values) where only the verdict is needed."""
     base = _thin(np.asarray(base, dtype=np.float64))
     run = _thin(np.asarray(run, dtype=np.float64))
     ratio = float(np.median(run) / np.median(base))
@@ -217,5 +219,5 @@ def judge(base, run, threshold: float = DEFAULT_THRESHOLD, alpha: float = ALPHA,
         verdict = "improvement" if pf < alpha else "faster?"
     else:
         verdict = "unchanged"
-    low, high = ratio_interval(base, run, alpha)
+    low, high = ratio_interval(base, run, alpha) if interval else (math.nan, math.nan)
     return Judgement(verdict, ratio, low, high, ps, pf, noise(base), noise(run), threshold)
