@@ -91,3 +91,8 @@ def test_workflows_call_makefile_targets_that_exist_and_cover_ci_run():
     assert used <= defined, f"workflows call undefined targets {sorted(used - defined)}"
     ci_run = make_targets((REPO / ".ci" / "run").read_text())
     assert ci_run <= make_targets(run_text(load("ci.yml"))), f".ci/run calls {sorted(ci_run)}; ci.yml must call them too"
+
+
+def test_gate_selftest_script_parses():
+    proc = subprocess.run(["bash", "-n", str(REPO / "tools" / "gate_selftest.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
