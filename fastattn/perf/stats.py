@@ -30,6 +30,7 @@ approximation with tie and continuity corrections, as scipy does); tests check t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,12 +66,13 @@ def _average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranks, ties
 
 
-def _u_null_sf(n: int, m: int, u: float) -> float:
-    """P(U >= u) for the Mann-Whitney U of samples of sizes n and m without ties, exactly.
+@functools.lru_cache(maxsize=64)
+def _u_null_tail(n: int, m: int) -> np.ndarray:
+    """tail[u] = P(U >= u) for the Mann-Whitney U of samples of sizes n and m without ties, exactly.
 
     The counts of U are the coefficients of the Gaussian binomial [n+m choose k]_q, built by
-    [b+i choose i] = [b+i-1 choose i-1] * (1 - q^(b+i)) / (1 - q^i); every partial product
-    has non-negative coefficients, so float64 keeps its precision.
+    [b+i choose i] = [b+i-1 choose i-1] * (1 - q^(b+i)) / (1 - q^i); after each step the
+    coefficients are non-negative counts again, so float64 keeps its precision.
     """
     k, b = min(n, m), max(n, m)
     size = n * m + 1
@@ -82,7 +84,9 @@ def _u_null_sf(n: int, m: int, u: float) -> float:
             c[e:] = c[e:] - c[: size - e]
         for r in range(i):
             c[r::i] = np.cumsum(c[r::i])
-    return float(c[int(math.ceil(u - 1e-9)) :].sum() / c.sum())
+    tail = np.cumsum(c[::-1])[::-1] / c.sum()
+    tail.flags.writeable = False
+    return tail
 
 
 def _normal_sf(z: np.ndarray) -> np.ndarray:
@@ -96,7 +100,7 @@ def _mwu_greater_numpy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ranks, ties = _average_ranks(pooled.reshape(-1, n + m))
     u = ranks[:, n:].sum(axis=1) - m * (m + 1) / 2  # U of y: pairs (x_i, y_j) with y_j > x_i, ties half
     if (n <= 8 or m <= 8) and not ties.any():
-        p = np.array([_u_null_sf(n, m, ui) for ui in u])
+        p = _u_null_tail(n, m)[np.ceil(u - 1e-9).astype(int)]
     else:
         total = n + m
         sigma = np.sqrt(n * m / 12 * ((total + 1) - ties / (total * (total - 1))))
