@@ -83,7 +83,8 @@ def bench(benchmark, impl, case, direction, *, device, config, machine) -> None:
     check(impl, fn, case, direction, device)
     call = make_call(fn, case, direction, device)
     if torch.device(device).type == "cuda":
-        plan = timing.plan_gpu(call, config, graphable=impl.graphable, device=device)
+        plan = timing.plan_gpu(call, config, no_graph_reason=impl.no_graph_reason,
+                                   device=device)
     else:
         plan = timing.plan_cpu(call, config)
     timing.run(benchmark, plan)

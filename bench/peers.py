@@ -40,7 +40,7 @@ def _local_reference(case):
 
 class Impl:
     name = ""
-    graphable = True
+    no_graph_reason: str | None = None  # set where CUDA-graph capture cannot work
     max_check_len: int | None = None  # check at a shorter L when the reference would be too big
 
     def applies(self, case, device) -> bool:
@@ -233,7 +233,7 @@ class FastTransformers(Impl):
     """fast-transformers 0.4.0 (``make fast-transformers`` builds it): float32, its own layout."""
 
     name = "fast-transformers"
-    graphable = False  # its kernels launch on the legacy default stream: not capturable
+    no_graph_reason = "its kernels launch on the legacy default stream, which graphs cannot capture"
 
     def applies(self, case, device):
         if case.dtype != "fp32":
@@ -249,13 +249,22 @@ class FastTransformers(Impl):
         return None
 
     def grads_checked(self, case):
-        # 0.4.0's CUDA key gradient of local attention is wrong for a non-constant upstream
-        # gradient; its q and v gradients are right, so those are what the check compares.
-        return ("q", "v") if case.op == "local" else ("q", "k", "v")
+        if case.op == "local":
+            # 0.4.0's CUDA key gradient of local attention is wrong for a non-constant upstream
+            # gradient; its q and v gradients are right, so those are what the check compares.
+            return ("q", "v")
+        if case.op == "improved-clustered":
+            # Its backward holds each cluster's bottom-k mass constant (a raw kernel broadcasts
+            # it, cutting the graph), so dq and dk are not the exact gradient; dv is.
+            return ("v",)
+        return ("q", "k", "v")
 
     def check_note(self, case):
         if case.op == "local":
             return "fast-transformers 0.4.0 local key gradient is known wrong: out, dq, dv checked"
+        if case.op == "improved-clustered":
+            return ("fast-transformers 0.4.0 improved-clustered backward treats the bottom-k mass "
+                    "as a constant: out and dv checked")
         return ""
 
     def prepare(self, case, device):

@@ -7,7 +7,6 @@ with CUDA events placed by hand around the same op.
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastattn.perf import timing
 
@@ -80,8 +78,12 @@ def test_run_refuses_a_benchmark_with_another_timer():
         timing.run(Fixture(), timing.plan_cpu(lambda: None))
 
 
-def hand_timed(op, samples=30) -> float:
-    """Median GPU seconds of one eager call, events placed by hand, L2 flushed before each."""
+# The GPU check runs inside the timed session: the op is first run for about a second (the
+# card settles its clocks; a long compute-bound op runs ~14% slower sustained than fresh on the
+# lent H200), then timed by hand, through pytest-benchmark, and by hand again. By hand: L2
+# flushed, then events around one eager call, once per round that pytest-benchmark timed.
+HAND_TIMED = """
+def hand_timed(op, samples):
     flush = torch.empty(512 * 2**20, dtype=torch.int8, device="cuda")
     times = []
     for _ in range(samples):
@@ -92,8 +94,15 @@ def hand_timed(op, samples=30) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
+    return sorted(times)[len(times) // 2]
 
+
+def settle(op, seconds=1.0):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        op()
+        torch.cuda.synchronize()
+"""
 
 # (inputs, call): each call runs far past launch overhead, so one eager call timed by hand
 # measures what a graph replay does.
@@ -110,18 +119,23 @@ OPS = {
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_gpu_recorded_time_agrees_with_hand_placed_events(tmp_path, name):
     inputs, call = OPS[name]
-    run = run_session(tmp_path, f"""
-        def test_op(benchmark):
-            {inputs}
-            timing.run(benchmark, timing.plan_gpu(lambda: {call}))
-    """)
+    run = run_session(tmp_path, HAND_TIMED + f"""
+
+def test_op(benchmark):
+    {inputs}
+    op = lambda: {call}
+    settle(op)
+    before = hand_timed(op, 50)
+    plan = timing.plan_gpu(op)
+    timing.run(benchmark, plan)
+    benchmark.extra_info["hand_s"] = [before, hand_timed(op, plan.rounds)]
+""")
     (bench,) = run["benchmarks"]
     assert bench["extra_info"]["timing_mode"] == "graph"
     recorded = bench["stats"]["median"]
-
-    scope = {"torch": torch}
-    exec(inputs, scope)  # the same op on the same kind of inputs, in this process
-    by_hand = hand_timed(lambda: eval(call, scope))
+    before, after = bench["extra_info"]["hand_s"]
+    by_hand = (before + after) / 2
     assert abs(recorded - by_hand) <= 0.05 * by_hand, (
-        f"{name}: pytest-benchmark recorded {recorded * 1e6:.1f} us per call, CUDA events by "
-        f"hand {by_hand * 1e6:.1f} us ({bench['extra_info']['calls_per_round']} calls per round)")
+        f"{name}: pytest-benchmark recorded {recorded * 1e6:.1f} us per call; CUDA events by "
+        f"hand {before * 1e6:.1f} us before, {after * 1e6:.1f} us after "
+        f"({bench['extra_info']['calls_per_round']} calls per round)")

@@ -6,6 +6,7 @@ The slug keys the gate's baselines (``bench/baselines/<slug>.json``): the GPU's 
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -62,12 +63,15 @@ def peaks(name: str) -> tuple[dict[str, float] | None, float | None]:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout; else $FASTATTN_COMMIT (a copy without .git, e.g. a lent GPU box)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=True)
-        return out.stdout.strip() or "unknown"
+        if out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("FASTATTN_COMMIT") or "unknown"
 
 
 def _driver() -> str:

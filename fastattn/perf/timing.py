@@ -179,7 +179,11 @@ def _capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
 
 
 def plan_gpu(fn: Callable[[], object], config: TimingConfig = TimingConfig(), *,
-             graphable: bool = True, device=None) -> Plan:
+             no_graph_reason: str | None = None, device=None) -> Plan:
+    """Warm up, measure eager latency, capture N calls in a graph, size the rounds.
+
+    ``no_graph_reason`` skips capture (eager rounds) for a call known not to be capturable.
+    """
     device = torch.device(device or "cuda")
     setup = l2_flusher(device) if config.flush_l2 else None
     warm_until = time.perf_counter() + config.warmup_s
@@ -192,7 +196,7 @@ def plan_gpu(fn: Callable[[], object], config: TimingConfig = TimingConfig(), *,
     calls = _clamp(round(config.target_round_s / max(eager, 1e-9)), 1, config.max_calls_per_round)
 
     mode, note = "graph", ""
-    if graphable:
+    if no_graph_reason is None:
         try:
             graph = _capture(fn, calls)
             target = graph.replay
@@ -200,7 +204,7 @@ def plan_gpu(fn: Callable[[], object], config: TimingConfig = TimingConfig(), *,
             torch.cuda.synchronize()
             mode, note = "eager", f"graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     else:
-        mode, note = "eager", "implementation is not graph-capturable"
+        mode, note = "eager", no_graph_reason
     if mode == "eager":
         def target():
             for _ in range(calls):
