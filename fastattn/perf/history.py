@@ -55,6 +55,10 @@ class Point:
     ratio: float = 1.0  # against the reference the mark was judged on
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _when(iso: str) -> float:
     try:
         moment = datetime.fromisoformat(iso)
@@ -119,7 +123,7 @@ def case_labels(fullnames: list[str]) -> dict[str, str]:
 
 
 def markdown(device: str, runs: list[Run], groups, thresholds: Thresholds) -> str:
-    lines = [f"## {runs[0].device_name} (`{device}`): {len(runs)} runs", ""]
+    lines = [f"## {runs[0].device_name} (`{device}`): {_count(len(runs), 'run')}", ""]
     for group in sorted(groups):
         cases = groups[group]
         labels = case_labels(list(cases))
@@ -249,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"history: {err}", file=sys.stderr)
         return EXIT_UNUSABLE
     md, pngs, note = render(runs, args.out, thresholds, args.alpha)
-    print(f"history: {len(runs)} runs -> {md}" + (f" and {len(pngs)} plots" if pngs else ""), file=sys.stderr)
+    print(f"history: {_count(len(runs), 'run')} -> {md}" + (f" and {_count(len(pngs), 'plot')}" if pngs else ""), file=sys.stderr)
     if note:
         print(f"history: {note}", file=sys.stderr)
     return EXIT_OK
