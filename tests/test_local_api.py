@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import _ops
 
 
 def qkv(shape=(2, 3, 10, 16), dtype=torch.float32):
@@ -71,7 +72,7 @@ def test_errors_come_before_any_build(monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("validation should fail before the extension is loaded")
 
-    monkeypatch.setattr(fastattn._ops, "load", no_build)
+    monkeypatch.setattr(_ops, "load", no_build)
     with pytest.raises(ValueError):
         fastattn.local_attention(*qkv(), (-1, 0))
 
