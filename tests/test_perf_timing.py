@@ -55,8 +55,9 @@ def test_cpu_rounds_record_host_time_per_call(tmp_path):
     data = bench["stats"]["data"]
     assert len(data) == bench["extra_info"]["rounds"] == bench["stats"]["rounds"] >= 5
     assert bench["extra_info"]["timing_mode"] == "host"
-    # A 3 ms busy wait: never faster, and not much slower unless the machine is swamped.
-    assert 3e-3 <= bench["stats"]["median"] < 6e-3, data
+    # A 3 ms busy wait: never faster; the quickest round (the one least disturbed by other
+    # processes on a busy machine) is not much slower.
+    assert 3e-3 <= bench["stats"]["min"] and min(data) < 6e-3, data
     assert bench["options"]["timer"] == "fastattn.perf.timing.round_timer"
 
 
@@ -67,7 +68,7 @@ def test_a_sample_is_divided_by_the_calls_of_its_round():
         start = timing.round_timer()
         time.sleep(0.02)
         end = timing.round_timer()
-    assert 0.005 <= end - start < 0.01
+    assert 0.005 <= end - start < 0.02  # undivided, the round would read >= 0.02
 
 
 def test_run_refuses_a_benchmark_with_another_timer():
