@@ -112,3 +112,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         # Name the CPU as pytest-benchmark does, so the slug matches the gate's fallback.
         info.update(device=brand, device_slug=perf_device.device_slug(brand, is_gpu=False))
     machine_info["fastattn"] = info
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    # A copy of the checkout without .git (a lent GPU machine) still names its commit when
+    # $FASTATTN_COMMIT is set; the gate and the report read commit_info.id first.
+    if commit_info.get("id") in (None, "", "unknown"):
+        commit = _machine()["commit"]
+        if commit != "unknown":
+            commit_info["id"] = commit

@@ -65,7 +65,8 @@ def _cell(bench: dict | None, baseline: dict | None) -> str:
 
 def header(run: dict) -> str:
     fa = (run.get("machine_info") or {}).get("fastattn") or {}
-    commit = (run.get("commit_info") or {}).get("id") or fa.get("commit") or "unknown"
+    commit = next((c for c in ((run.get("commit_info") or {}).get("id"), fa.get("commit"))
+                   if c and c != "unknown"), "unknown")
     dirty = " (dirty)" if (run.get("commit_info") or {}).get("dirty") else ""
     return (f"Device: {fa.get('device', 'unknown')} · torch {fa.get('torch', '?')} · "
             f"CUDA {fa.get('cuda', '?')} · driver {fa.get('driver', '?')} · "
@@ -126,22 +127,26 @@ def chart(run: dict, path) -> bool:
         return False
     groups, impls, cells = _rows(run)
     height = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.45 * len(groups) * max(1, len(impls)) ** 0.5))
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.1 * len(groups) * max(2, len(impls))))
+    values_seen = []
     for n, impl in enumerate(impls):
         ys, values = [], []
         for row, group in enumerate(groups):
             bench = cells.get((group, impl))
-            if bench and (bench.get("extra_info") or {}).get("tflops") is not None:
+            if bench and (bench.get("extra_info") or {}).get("tflops"):
                 ys.append(row + n * height)
                 values.append(bench["extra_info"]["tflops"])
         ax.barh(ys, values, height=height, label=impl)
+        values_seen += values
+    if values_seen and max(values_seen) > 20 * min(values_seen):
+        ax.set_xscale("log")  # fp32, bf16 and the clustered ops differ by orders of magnitude
     ax.set_yticks([row + height * (len(impls) - 1) / 2 for row in range(len(groups))])
     ax.set_yticklabels(groups, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(groups), -1 + height)
     ax.set_xlabel("TFLOP/s (visible (q, k) pairs only)")
     ax.set_title(header(run), fontsize=7)
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
