@@ -47,18 +47,18 @@ BENCH_PYTEST = $(PY) -m pytest bench --benchmark-only --shapes $(SHAPES) \
 bench: setup
 	mkdir -p $(RESULTS)
 	status=0; $(BENCH_PYTEST) || status=$$?; \
-	if [ -s $(RESULTS)/bench.json ]; then $(PY) -m fastattn.perf.report $(RESULTS)/bench.json --out $(RESULTS); fi; \
+	if [ -s $(RESULTS)/bench.json ]; then $(PY) -m fastattn.perf report $(RESULTS)/bench.json --out $(RESULTS); fi; \
 	exit $$status
 
 # What the report and the gate read is in the run: per-round samples, FLOPs, TFLOP/s, device.
 bench-check: setup
-	$(PY) -m fastattn.perf.check $(RESULTS)/bench.json
+	$(PY) -m fastattn.perf check-json $(RESULTS)/bench.json
 
 # Noise check: the same cases twice in a row; prints each median's change (results/noise.md).
 bench-twice: setup
 	$(MAKE) --no-print-directory bench RESULTS=$(RESULTS)/first
 	$(MAKE) --no-print-directory bench RESULTS=$(RESULTS)
-	$(PY) -m fastattn.perf.report $(RESULTS)/bench.json --out $(RESULTS) --noise $(RESULTS)/first/bench.json
+	$(PY) -m fastattn.perf report $(RESULTS)/bench.json --out $(RESULTS) --noise $(RESULTS)/first/bench.json
 
 # fast-transformers 0.4.0, a benchmark peer, built from its sdist in .ft/ for this torch.
 fast-transformers: setup

@@ -8,7 +8,6 @@ positive ``flops`` and ``tflops``, an ``impl`` and a ``timing_mode``; the run na
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -66,15 +65,3 @@ def _main(args) -> int:
     if not found:
         print(f"{args.run}: {len(run['benchmarks'])} benchmarks, samples and extra_info complete")
     return 1 if found else 0
-
-
-def main(argv=None) -> int:
-    """``python -m fastattn.perf.check``, the same command on its own."""
-    parser = argparse.ArgumentParser(prog="python -m fastattn.perf.check",
-                                     description=__doc__.splitlines()[0])
-    _arguments(parser)
-    return _main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,6 @@ of the same cases (DIR/noise.md). Times are pytest-benchmark's medians, i.e. GPU
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -186,15 +185,3 @@ def add_parser(subparsers) -> None:
 def _main(args) -> int:
     print(write(args.run, args.out, args.noise), end="")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m fastattn.perf.report``, the same command on its own."""
-    parser = argparse.ArgumentParser(prog="python -m fastattn.perf.report",
-                                     description=__doc__.splitlines()[0])
-    _arguments(parser)
-    return _main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
