@@ -19,17 +19,16 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-
-try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # torch < 2.5
-    create_block_mask = flex_attention = None
-
 from fastattn.reference import (
     clustered_attention_reference,
     improved_clustered_attention_reference,
     local_attention_reference,
 )
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    create_block_mask = flex_attention = None
 
 SMALL_SEQ_LEN = 4096  # the eager reference is timed only up to this L
 
