@@ -201,3 +201,20 @@ def test_opcheck(topk):
     planes, seed = _draw(torch.Generator().manual_seed(0), 16, 8, q.device)
     torch.library.opcheck(torch.ops.fastattn.cluster.default,
                           (q.detach(), planes, seed, torch.tensor([21, 5], dtype=torch.int32), 4, 3))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 40, 16, torch.float32))
+    clustering = fastattn.cluster(q, 5)
+
+    def attend(q, k, v, labels, counts):
+        return fastattn.improved_clustered_attention(
+            q, k, v, clustering=fastattn.Clustering(labels, counts), topk=6)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    eager, traced = attend(q, k, v, *clustering), compiled(q, k, v, *clustering)
+    assert torch.equal(eager, traced)
+    grad = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v), grad),
+                    torch.autograd.grad(traced, (q, k, v), grad)):
+        assert torch.equal(a, b)

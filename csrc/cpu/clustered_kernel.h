@@ -20,14 +20,18 @@ inline int64_t valid_length(const int32_t* lengths, int64_t b, int64_t seq_len) 
   return lengths == nullptr ? seq_len : std::clamp<int64_t>(lengths[b], 0, seq_len);
 }
 
-// Bit t is set iff x lies strictly above hyperplane t: <x, normal_t> > bias_t.
-inline uint64_t hash_row(const float* x, const float* planes, int64_t D, int64_t bits) {
+// Bit t is set iff x lies strictly above hyperplane t: <x, normal_t> > bias_t. planes_t is
+// (D + 1, 64), transposed, so the inner loop over the 64 projections vectorises; each
+// projection still sums over d in order, as the CUDA kernel does.
+inline uint64_t hash_row(const float* x, const float* planes_t, int64_t D, int64_t bits) {
+  float s[64] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* plane = planes_t + d * 64;
+    for (int t = 0; t < 64; ++t) s[t] += x[d] * plane[t];
+  }
   uint64_t code = 0;
   for (int64_t t = 0; t < bits; ++t) {
-    const float* plane = planes + t * (D + 1);
-    float s = 0;
-    for (int64_t d = 0; d < D; ++d) s += x[d] * plane[d];
-    code |= static_cast<uint64_t>(s > plane[D]) << t;
+    code |= static_cast<uint64_t>(s[t] > planes_t[D * 64 + t]) << t;
   }
   return code;
 }
@@ -50,6 +54,10 @@ template <typename scalar_t>
 void cluster(const ClusterParams& p) {
   const int64_t L = p.seq_len, D = p.head_dim, C = p.clusters, bits = p.bits;
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  std::vector<float> planes_t((D + 1) * 64, 0.f);
+  for (int64_t t = 0; t < bits; ++t) {
+    for (int64_t d = 0; d <= D; ++d) planes_t[d * 64 + t] = p.planes[t * (D + 1) + d];
+  }
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x(D);
     std::vector<int32_t> label(L);
@@ -63,7 +71,7 @@ void cluster(const ClusterParams& p) {
       std::fill(members, members + C, 0);
       for (int64_t i = 0; i < n; ++i) {
         load_row(x.data(), row<scalar_t>(p.q, p.q_strides, b, h, i), D, 1.0f);
-        hash[i] = hash_row(x.data(), p.planes, D, bits);
+        hash[i] = hash_row(x.data(), planes_t.data(), D, bits);
       }
       for (int64_t c = 0; n > 0 && c < C; ++c) {
         centroid[c] = hash[c < n ? c : reseed_query(seed, bh, 0, c, n)];

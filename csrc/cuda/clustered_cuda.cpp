@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "clustered_torch.h"
 #include "cuda/clustered_cuda.h"
@@ -32,12 +33,17 @@ using native_t = typename Native<scalar_t>::type;
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// (B, H, M, K) x (B, H, K, N) -> (B, H, M, N) as batched GEMMs with a float32 result.
+// (B, H, M, K) x (B, H, K, N) -> (B, H, M, N) as batched GEMMs with a float32 result
+// (aten::bmm.dtype, torch >= 2.8: half / bfloat16 operands, float32 accumulation and output).
 at::Tensor bmm_float(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), H = a.size(1), M = a.size(2), K = a.size(3), N = b.size(3);
   const at::Tensor a3 = a.reshape({B * H, M, K}), b3 = b.reshape({B * H, K, N});
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   const at::Tensor out = a.scalar_type() == at::kFloat ? at::bmm(a3, b3)
                                                        : at::bmm(a3, b3, at::kFloat);
+#else
+  const at::Tensor out = at::bmm(a3.to(at::kFloat), b3.to(at::kFloat));
+#endif
   return out.view({B, H, M, N});
 }
 
@@ -56,15 +62,17 @@ struct CudaBackend {
 
   // a is float32; b is float32, or the inputs' half / bfloat16 (k or v, exact in that
   // dtype). A float32 b runs a float32 GEMM (TF32 only if the user enabled it globally).
-  // Otherwise a is split into a_hi + a_lo in b's dtype and both run on the tensor cores with
-  // float32 accumulation and output: ~16 significant bits of a instead of 8, at the cost of
-  // a second half-precision GEMM, still far cheaper than one float32 GEMM.
+  // Otherwise the GEMMs run on the tensor cores with float32 accumulation and output, and a
+  // is rounded to b's dtype. A small a (per-cluster rows: centroids, their gradients) is
+  // split into a_hi + a_lo, two GEMMs for ~16 significant bits, so that scores and the
+  // top-k choice are nearly float32-exact. A large a (the C x L probabilities or their
+  // gradient) is rounded once, as FlashAttention rounds P and dS: splitting it would cost
+  // more memory traffic than the GEMMs themselves.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     if (b.scalar_type() == at::kFloat) return at::matmul(a, b).contiguous();
     const at::Tensor hi = a.to(b.scalar_type());
-    const at::Tensor lo = (a - hi.to(at::kFloat)).to(b.scalar_type());
     at::Tensor out = bmm_float(hi, b);
-    out.add_(bmm_float(lo, b));
+    if (a.numel() <= b.numel()) out.add_(bmm_float((a - hi.to(at::kFloat)).to(b.scalar_type()), b));
     return out;
   }
 
