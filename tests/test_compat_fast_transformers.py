@@ -114,7 +114,8 @@ def mask_bias(mask):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", CONTEXTS, ids=lambda c: f"c{c}")
-@pytest.mark.parametrize("rows, cols", [(29, 29), (23, 31), (31, 23)], ids=lambda s: f"{s}")
+@pytest.mark.parametrize("rows, cols", [(29, 29), (23, 31), (31, 23), (150, 131)],
+                         ids=lambda s: f"{s}")
 def test_local_dot_product(device, dtype, c, rows, cols):
     q = torch.randn(3, 2, rows, 16, device=device, dtype=dtype)
     k = torch.randn(3, 2, cols, 16, device=device, dtype=dtype)
@@ -133,7 +134,8 @@ def test_local_dot_product(device, dtype, c, rows, cols):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", CONTEXTS, ids=lambda c: f"c{c}")
-@pytest.mark.parametrize("rows, cols", [(29, 29), (23, 31), (31, 23)], ids=lambda s: f"{s}")
+@pytest.mark.parametrize("rows, cols", [(29, 29), (23, 31), (31, 23), (150, 131)],
+                         ids=lambda s: f"{s}")
 def test_local_weighted_average(device, dtype, c, rows, cols):
     a = torch.randn(2, 3, rows, c, device=device, dtype=dtype)
     v = torch.randn(2, 3, cols, 24, device=device, dtype=dtype)
@@ -199,6 +201,22 @@ def test_local_attention(device, dtype, c, mask_kind):
     lengths = torch.tensor([rows, 7, 0], device=device)
     module = LocalAttention(c, attention_dropout=0.3).eval()
     check_grads(lambda q, k, v: module(q, k, v, mask, None, LengthMask(lengths, max_len=rows)),
+                lambda q, k, v: dense_local_attention(q, k, v, mask_bias(mask), lengths, c,
+                                                      dim**-0.5),
+                qkv, floor=FLOORS[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "causal"])
+def test_local_attention_long_on_cuda(dtype, mask_kind):
+    """Many kernel tiles: L = 1000, D = 64, c = 129, with queries that see no key."""
+    n, rows, heads, dim, c = 2, 1000, 4, 64, 129
+    qkv = [torch.randn(n, rows, heads, dim, device="cuda", dtype=dtype) for _ in range(3)]
+    mask = make_mask(mask_kind, rows, "cuda")
+    lengths = torch.tensor([rows, 611], device="cuda")
+    module = LocalAttention(c).eval()
+    check_grads(lambda q, k, v: module(q, k, v, mask, None, lengths),
                 lambda q, k, v: dense_local_attention(q, k, v, mask_bias(mask), lengths, c,
                                                       dim**-0.5),
                 qkv, floor=FLOORS[dtype])
@@ -482,6 +500,41 @@ def test_equals_fast_transformers(device, c):
         torch.testing.assert_close(ours, expected)
 
 
+@needs_clustered
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("improved", [False, True], ids=CLUSTERED_IDS)
+def test_clustered_equals_fast_transformers_on_its_clustering(device, improved):
+    """Given the clusters fast-transformers drew, the outputs of valid queries agree."""
+    _, masking, _ = fast_transformers_modules()
+    from fast_transformers import attention
+
+    n, rows, heads, dim, clusters = 2, 70, 2, 32, 6
+    q, k, v = (torch.randn(n, rows, heads, dim, device=device) for _ in range(3))
+    query_lengths = torch.tensor([rows, 50], device=device)
+    key_lengths = torch.tensor([rows, 41], device=device)
+    kwargs = {"topk": 8} if improved else {}
+    upstream = (attention.ImprovedClusteredAttention if improved else attention.ClusteredAttention)(
+        clusters, attention_dropout=0.0, **kwargs).eval()
+    drawn = {}
+    create = upstream._create_query_groups
+
+    def spy(queries, lengths):
+        (sorted_clusters, counts), order = create(queries, lengths)
+        labels = torch.empty_like(sorted_clusters).scatter_(-1, order, sorted_clusters)
+        drawn["clustering"] = fastattn.Clustering(labels.long(), counts.long())
+        return (sorted_clusters, counts), order
+
+    upstream._create_query_groups = spy
+    masks = (masking.FullMask(rows, device=device), masking.LengthMask(query_lengths, max_len=rows),
+             masking.LengthMask(key_lengths, max_len=rows))
+    expected = upstream(q, k, v, *masks)
+    ours = (ImprovedClusteredAttention if improved else ClusteredAttention)(clusters, **kwargs).eval()
+    ours.cluster = lambda *args: drawn["clustering"]
+    out = ours(q, k, v, *masks)
+    valid = torch.arange(rows, device=device) < query_lengths.view(-1, 1)
+    torch.testing.assert_close(out[valid], expected[valid])
+
+
 @pytest.mark.cuda
 def test_fast_transformers_cuda_key_gradient_is_wrong_and_ours_is_right():
     """Upstream's CUDA local_dot_backward reads the upstream gradient with the slot order of
@@ -493,7 +546,7 @@ def test_fast_transformers_cuda_key_gradient_is_wrong_and_ours_is_right():
     bias = torch.zeros(64, 64, device="cuda")
 
     def key_grad(fn, dtype):
-        kk = k.to(dtype).requires_grad_()
+        kk = k.detach().to(dtype).clone().requires_grad_()
         (fn(q.to(dtype), kk, bias.to(dtype), lengths, 8) * grad.to(dtype)).sum().backward()
         return kk.grad.double()
 
