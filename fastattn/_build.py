@@ -111,6 +111,11 @@ def _cuda_flags(arches: str) -> list[str]:
         if not arch:
             continue
         number = arch.replace(".", "").replace("+PTX", "")
+        if number in ("90", "90a"):
+            # Hopper builds the 'a' target: its wgmma instructions carry the forward's fast path
+            # (csrc/cuda/local_fwd.cuh); sm_90a code runs on every compute-capability-9.0 GPU.
+            number = "90a"
+            flags.append("-DFASTATTN_SM90A")
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
     return flags
 

@@ -1,0 +1,275 @@
+// Backward of sliding-window attention, FlashAttention-2 style, keys as the rows.
+//
+// One block of 4 warps owns kBc = 64 keys of one (batch, head); each warp owns 16 keys and
+// keeps their dK and dV in registers for the whole band. The block walks the query tiles
+// that see any of its keys, [k0 - right, k0 + 63 + left], kBq queries at a time
+// (double-buffered Q, dO, lse, delta). Per tile, with every product on the tensor cores:
+//   S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - delta), dK += dS^T Q,
+// then dS^T goes through shared memory so the block can form dQ_tile = dS K, which is added
+// with float32 atomics into a zeroed (B, H, L, D) float32 scratch and converted (times the
+// scale) to the output dtype by a last small kernel.
+//
+// Why atomics rather than a separate dQ pass: a dQ pass recomputes S and dP (two of the five
+// products, +40% tensor work); the atomics cost one float2 reduction per dQ element per key
+// block that sees it, i.e. (window + kBq) / kBc adds per element, which L2 absorbs. The price
+// is that dQ is not bitwise reproducible (float addition order); dK, dV and the forward are.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/tile_common.cuh"
+
+namespace fastattn::cuda {
+
+template <typename T, int D>
+struct BwdConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBc = 16 * kWarps;
+  static constexpr int kBq = ((sizeof(T) == 2 && D <= 64) || D <= 32) ? 64 : 32;
+  static constexpr int kLd = D + 8;
+  static constexpr int kLdS = kBq + 8;  // dS^T tile, (kBc, kBq)
+  // dQ_tile (kBq x D) split over the warps: kWarpsM row groups of 16 x kWarpsN column groups.
+  static constexpr int kWarpsM = kBq / 16;
+  static constexpr int kWarpsN = kWarps / kWarpsM;
+  static constexpr int kDn = D / kWarpsN;
+  static_assert(kDn % 16 == 0, "each warp's dQ columns must be whole 16-column steps");
+  static constexpr size_t kSmem =
+      sizeof(T) * (2 * kBc * kLd + 4 * kBq * kLd + kBc * kLdS) + sizeof(float) * 4 * kBq;
+};
+
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
+    local_bwd_kernel(const LocalAttentionBwdParams p, float* __restrict__ dq_accum,
+                     const int64_t k_tiles, const bool rows_aligned) {
+  using Cfg = BwdConfig<T, D>;
+  using Ops = typename OpsFor<T>::type;
+  constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
+  constexpr int kThreads = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBc * kLd;
+  T* sQ = sV + kBc * kLd;     // 2 stages
+  T* sdO = sQ + 2 * kBq * kLd;  // 2 stages
+  T* sdS = sdO + 2 * kBq * kLd;
+  float* sLse = reinterpret_cast<float*>(sdS + kBc * kLdS);  // 2 stages, log2 units
+  float* sDelta = sLse + 2 * kBq;                              // 2 stages
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t tile = blockIdx.x % k_tiles, bh = blockIdx.x / k_tiles;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t L = p.seq_len, left = p.window_left, right = p.window_right;
+  const int64_t keys = valid_keys(p, b);
+  const int64_t k0 = tile * kBc;
+  const T* qg = head_ptr<T>(p.q, p.q_strides, b, h);
+  const T* kg = head_ptr<T>(p.k, p.k_strides, b, h);
+  const T* vg = head_ptr<T>(p.v, p.v_strides, b, h);
+  const T* dog = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h);
+  const float* lse_g = p.lse + bh * L;
+  const float* delta_g = p.delta + bh * L;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+
+  // Queries that see a key of this block (none when the block lies past key_lengths).
+  const int64_t last_key = (k0 + kBc < keys ? k0 + kBc : keys) - 1;
+  const int64_t qlo = k0 - right > 0 ? k0 - right : 0;
+  const int64_t qhi = last_key + left < L - 1 ? last_key + left : L - 1;
+  const int n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + kBq) / kBq) : 0;
+
+  auto load_q_tile = [&](int n) {
+    const int64_t i0 = qlo + static_cast<int64_t>(n) * kBq;
+    const int st = n & 1;
+    load_rows<T, D, kBq, kThreads>(sQ + st * kBq * kLd, kLd, qg, p.q_strides.seq, i0, L,
+                                   rows_aligned, tid);
+    load_rows<T, D, kBq, kThreads>(sdO + st * kBq * kLd, kLd, dog, p.grad_out_strides.seq, i0, L,
+                                   rows_aligned, tid);
+    if (tid < kBq) {
+      const int64_t i = i0 + tid;
+      // lse = -inf (a query that sees nothing) and rows past L become +inf: P = exp2(s - inf) = 0.
+      const float lse = i < L ? lse_g[i] : -INFINITY;
+      sLse[st * kBq + tid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      sDelta[st * kBq + tid] = i < L ? delta_g[i] : 0.f;
+    }
+  };
+
+  if (n_tiles > 0) {
+    load_rows<T, D, kBc, kThreads>(sK, kLd, kg, p.k_strides.seq, k0, keys, rows_aligned, tid);
+    load_rows<T, D, kBc, kThreads>(sV, kLd, vg, p.v_strides.seq, k0, keys, rows_aligned, tid);
+    load_q_tile(0);
+  }
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+  zero(dk);
+  zero(dv);
+  const int64_t kw0 = k0 + warp * 16;  // this warp's first key
+  const int wm = warp % Cfg::kWarpsM, wn = warp / Cfg::kWarpsM;
+
+  for (int n = 0; n < n_tiles; ++n) {
+    if (n + 1 < n_tiles) {
+      load_q_tile(n + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int st = n & 1;
+    const T* cQ = sQ + st * kBq * kLd;
+    const T* cdO = sdO + st * kBq * kLd;
+    const float* cLse = sLse + st * kBq;
+    const float* cDelta = sDelta + st * kBq;
+    const int64_t i0 = qlo + static_cast<int64_t>(n) * kBq;
+
+    // S^T = K Q^T (16 keys x kBq queries per warp).
+    float s[kBq / 8][4];
+    zero(s);
+    mma_smem_bt<Ops, kBq, D>(s, sK, kLd, warp * 16, cQ, kLd, lane);
+    // P^T; element (key kw0 + g + 8 (e >> 1), query i0 + 8 i + 2 t + (e & 1)).
+    const bool interior = kw0 >= i0 + kBq - 1 - left && kw0 + 15 <= i0 + right && kw0 + 15 < keys;
+#pragma unroll
+    for (int i = 0; i < kBq / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = i * 8 + 2 * t + (e & 1);
+        const float prob = exp2f(s[i][e] * scale_log2 - cLse[col]);
+        s[i][e] = interior || visible(i0 + col, kw0 + g + (e >> 1) * 8, left, right, keys) ? prob
+                                                                                            : 0.f;
+      }
+    // dV += P^T dO.
+    mma_c_b<Ops, D, kBq>(dv, s, cdO, kLd, 0, lane);
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place.
+    float ds[kBq / 8][4];
+    zero(ds);
+    mma_smem_bt<Ops, kBq, D>(ds, sV, kLd, warp * 16, cdO, kLd, lane);
+#pragma unroll
+    for (int i = 0; i < kBq / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[i][e] = s[i][e] * (ds[i][e] - cDelta[i * 8 + 2 * t + (e & 1)]);
+    // dK += dS^T Q (the scale is applied once at the end).
+    mma_c_b<Ops, D, kBq>(dk, ds, cQ, kLd, 0, lane);
+    // dS^T to shared memory, rows = keys, for the block-wide dQ product.
+#pragma unroll
+    for (int i = 0; i < kBq / 8; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        Ops::store2(sdS + (warp * 16 + g + 8 * r) * kLdS + i * 8 + 2 * t, ds[i][2 * r],
+                    ds[i][2 * r + 1]);
+    __syncthreads();
+
+    // dQ_tile[wm rows][wn columns] = dS K over the block's 64 keys.
+    float dq[Cfg::kDn / 8][4];
+    zero(dq);
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      typename Ops::A a;
+      Ops::load_a_t(a, sdS, kLdS, wm * 16, kk * 16, lane);
+      mma_a_b<Ops, Cfg::kDn>(dq, a, sK, kLd, wn * Cfg::kDn, kk * 16, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t qi = i0 + wm * 16 + g + 8 * r;
+      if (qi >= L) continue;
+      float* dst = dq_accum + (bh * L + qi) * D + wn * Cfg::kDn + 2 * t;
+#pragma unroll
+      for (int i = 0; i < Cfg::kDn / 8; ++i) atomic_add2(dst + i * 8, dq[i][2 * r], dq[i][2 * r + 1]);
+    }
+    // The next iteration's loads target the other stage; its first barrier orders this
+    // iteration's reads of sdS before the next writes.
+  }
+  if (n_tiles == 0) cp_async_wait<0>();
+
+  const float scale = static_cast<float>(p.scale);
+  T* dkg = static_cast<T*>(p.grad_k) + b * p.grad_k_strides.batch + h * p.grad_k_strides.head;
+  T* dvg = static_cast<T*>(p.grad_v) + b * p.grad_v_strides.batch + h * p.grad_v_strides.head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t kj = kw0 + g + 8 * r;
+    if (kj >= L) continue;
+    T* krow = dkg + kj * p.grad_k_strides.seq + 2 * t;
+    T* vrow = dvg + kj * p.grad_v_strides.seq + 2 * t;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      Ops::store2(krow + i * 8, dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
+      Ops::store2(vrow + i * 8, dv[i][2 * r], dv[i][2 * r + 1]);
+    }
+  }
+}
+
+// delta = rowsum(dO * O) - grad_lse, one warp a row.
+template <typename T>
+__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.batch * p.heads * p.seq_len;
+  if (row >= rows) return;
+  const int64_t i = row % p.seq_len, bh = row / p.seq_len;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* dO = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h) + i * p.grad_out_strides.seq;
+  const T* o = head_ptr<T>(p.out, p.out_strides, b, h) + i * p.out_strides.seq;
+  float sum = 0.f;
+  for (int64_t d = lane; d < p.head_dim; d += 32) sum += static_cast<float>(dO[d]) * static_cast<float>(o[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) p.delta[row] = sum - p.grad_lse[row];
+}
+
+// grad_q = scale * dq_accum in the output dtype (grad_q is contiguous, like dq_accum).
+template <typename T>
+__global__ void local_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ grad_q,
+                                    int64_t n, float scale) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    grad_q[idx] = static_cast<T>(dq_accum[idx] * scale);
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
+                         cudaStream_t stream) {
+  using Cfg = BwdConfig<T, D>;
+  auto kernel = local_bwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
+      p, dq_accum, k_tiles, rows_aligned);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
+                       cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads * p.seq_len;
+  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  switch (p.head_dim) {
+    case 16: err = launch_bwd_d<T, 16>(p, rows_aligned, dq_accum, stream); break;
+    case 32: err = launch_bwd_d<T, 32>(p, rows_aligned, dq_accum, stream); break;
+    case 64: err = launch_bwd_d<T, 64>(p, rows_aligned, dq_accum, stream); break;
+    case 96: err = launch_bwd_d<T, 96>(p, rows_aligned, dq_accum, stream); break;
+    case 128: err = launch_bwd_d<T, 128>(p, rows_aligned, dq_accum, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  const int64_t n = rows * p.head_dim;
+  const int64_t blocks = (n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536;
+  local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
+  return cudaGetLastError();
+}
+
+}  // namespace fastattn::cuda

@@ -1,0 +1,376 @@
+// Forward of sliding-window attention, FlashAttention-2 style.
+//
+// One block of 4 warps owns kBr = 64 consecutive queries of one (batch, head); each warp owns
+// 16 of them. The block walks only the key tiles of its band, [q0 - left, q0 + 63 + right]
+// clipped to [0, key_lengths[b]), kBc keys at a time, double-buffered through cp.async. Per
+// tile: S = Q K^T on the tensor cores, online softmax in registers (base-2 exponent, scale
+// folded in), O += P V with P re-packed from the S accumulators without touching shared
+// memory. Tiles that lie inside every one of a warp's rows' windows skip the mask entirely.
+// Nothing grows with L or the window; each output element is written once, in a fixed order,
+// so the forward is deterministic.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "cuda/tile_common.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace fastattn::cuda {
+
+template <typename T, int D>
+struct FwdConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBr = 16 * kWarps;
+  // Key tile: as wide as the registers of the O accumulator (D / 2 floats a lane) allow.
+  static constexpr int kBc = (sizeof(T) == 2 ? D <= 128 : D <= 64) ? 64 : 32;
+  // Rows padded by 16 bytes (8 halves) / 32 bytes (8 floats) spread over the banks for
+  // ldmatrix and for the float2 fragment loads (FwdTiles).
+  static constexpr int kLd = D + 8;
+  // Q fragments stay in registers when they are cheap (16-bit types, D <= 128).
+  static constexpr bool kQInRegs = sizeof(T) == 2 && D <= 128;
+  static constexpr size_t kSmem = sizeof(T) * kLd * (kBr + 4 * kBc);
+};
+
+// What a forward block needs to know about its 64 queries and their band.
+template <typename T>
+struct FwdBlock {
+  int64_t b, h, bh, q0, keys, lo;
+  int n_tiles;
+  const T *q, *k, *v;
+
+  __device__ __forceinline__ FwdBlock(const LocalAttentionParams& p, int64_t q_tiles, int br,
+                                      int bc) {
+    const int64_t tile = blockIdx.x % q_tiles;
+    bh = blockIdx.x / q_tiles;
+    b = bh / p.heads;
+    h = bh % p.heads;
+    keys = valid_keys(p, b);
+    q0 = tile * br;
+    lo = q0 - p.window_left > 0 ? q0 - p.window_left : 0;
+    const int64_t last = q0 + br - 1 + p.window_right;
+    const int64_t hi = last < keys - 1 ? last : keys - 1;
+    n_tiles = hi >= lo ? static_cast<int>((hi - lo + bc) / bc) : 0;
+    q = head_ptr<T>(p.q, p.q_strides, b, h);
+    k = head_ptr<T>(p.k, p.k_strides, b, h);
+    v = head_ptr<T>(p.v, p.v_strides, b, h);
+  }
+};
+
+// The forward's shared-memory tiles: Q, and K/V in two stages (tile n in stage n % 2), in the
+// padded layout (row stride ld) or, with kSw128, the swizzled layout wgmma reads.
+template <typename T, int D, int kBr, int kBc, int kThreads, bool kSw128>
+struct FwdTiles {
+  static constexpr int kLd = kSw128 ? D : D + 8;
+  static constexpr size_t kElems = static_cast<size_t>(kLd) * (kBr + 4 * kBc);
+  T *q, *k, *v;
+
+  __device__ __forceinline__ explicit FwdTiles(T* smem)
+      : q(smem), k(smem + kBr * kLd), v(smem + (kBr + 2 * kBc) * kLd) {}
+  __device__ __forceinline__ const T* k_stage(int n) const { return k + (n & 1) * kBc * kLd; }
+  __device__ __forceinline__ const T* v_stage(int n) const { return v + (n & 1) * kBc * kLd; }
+
+  __device__ __forceinline__ void load_kv(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+                                          int n, bool rows_aligned, int tid) {
+    const int64_t k0 = blk.lo + static_cast<int64_t>(n) * kBc;
+    T* ks = k + (n & 1) * kBc * kLd;
+    T* vs = v + (n & 1) * kBc * kLd;
+    load_rows<T, D, kBc, kThreads, kSw128>(ks, kLd, blk.k, p.k_strides.seq, k0, blk.keys,
+                                           rows_aligned, tid);
+    load_rows<T, D, kBc, kThreads, kSw128>(vs, kLd, blk.v, p.v_strides.seq, k0, blk.keys,
+                                           rows_aligned, tid);
+  }
+  // Q and the first K/V tile, as two cp.async groups.
+  __device__ __forceinline__ void start(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+                                        bool rows_aligned, int tid) {
+    load_rows<T, D, kBr, kThreads, kSw128>(q, kLd, blk.q, p.q_strides.seq, blk.q0, p.seq_len,
+                                           rows_aligned, tid);
+    cp_async_commit();
+    if (blk.n_tiles > 0) load_kv(p, blk, 0, rows_aligned, tid);
+    cp_async_commit();
+  }
+  // Before tile n: prefetches tile n + 1 into the other stage and waits for tile n (and Q).
+  __device__ __forceinline__ void next(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+                                       int n, bool rows_aligned, int tid) {
+    if (n + 1 < blk.n_tiles) {
+      load_kv(p, blk, n + 1, rows_aligned, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+  }
+};
+
+// One key tile of the online softmax for the two rows (w0 + g, w0 + g + 8) a lane holds: masks
+// s (unless the tile is interior to every row of the warp), moves it to base-2 units, updates
+// the running max and sum, rescales o, and leaves the unnormalised probabilities in s.
+template <int kBc, int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[D / 8][4],
+                                             float (&row_max)[2], float (&row_sum)[2],
+                                             const LocalAttentionParams& p, int64_t keys,
+                                             int64_t w0, int64_t k0, float scale_log2, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t left = p.window_left, right = p.window_right;
+  const bool interior = k0 >= w0 + 15 - left && k0 + kBc - 1 <= w0 + right && k0 + kBc - 1 < keys;
+  if (interior) {
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] *= scale_log2;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t qi = w0 + g + (e >> 1) * 8, kj = k0 + i * 8 + 2 * t + (e & 1);
+        s[i][e] = visible(qi, kj, left, right, keys) ? s[i][e] * scale_log2 : -INFINITY;
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+    const float new_max = fmaxf(row_max[r], quad_max(mx));
+    // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
+    const float base = new_max == -INFINITY ? 0.f : new_max;
+    const float correction = exp2f(row_max[r] - base);
+    row_max[r] = new_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i) {
+      s[i][2 * r] = exp2f(s[i][2 * r] - base);
+      s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - base);
+      sum += s[i][2 * r] + s[i][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][2 * r] *= correction;
+      o[i][2 * r + 1] *= correction;
+    }
+  }
+}
+
+// out = o / sum and lse for the lane's two rows (queries past L are not stored).
+template <class Ops, typename T, int D>
+__device__ __forceinline__ void store_rows(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+                                           const float (&o)[D / 8][4], const float (&row_max)[2],
+                                           const float (&row_sum)[2], int64_t w0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  T* og = static_cast<T*>(p.out) + blk.b * p.out_strides.batch + blk.h * p.out_strides.head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t qi = w0 + g + 8 * r;
+    const float sum = quad_sum(row_sum[r]);
+    if (qi >= p.seq_len) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* orow = og + qi * p.out_strides.seq + 2 * t;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) Ops::store2(orow + i * 8, o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+    if (t == 0) {
+      p.lse[blk.bh * p.seq_len + qi] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
+    local_fwd_kernel(const LocalAttentionParams p, const int64_t q_tiles, const bool rows_aligned) {
+  using Cfg = FwdConfig<T, D>;
+  using Ops = typename OpsFor<T>::type;
+  constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kLd = Cfg::kLd, kThreads = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  FwdTiles<T, D, kBr, kBc, kThreads, false> tiles(reinterpret_cast<T*>(smem));
+  static_assert(decltype(tiles)::kLd == kLd && decltype(tiles)::kElems * sizeof(T) == Cfg::kSmem);
+  const T* sQ = tiles.q;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const FwdBlock<T> blk(p, q_tiles, kBr, kBc);
+  tiles.start(p, blk, rows_aligned, tid);
+
+  float o[D / 8][4];
+  zero(o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const int64_t w0 = blk.q0 + warp * 16;  // this warp's first query
+  typename Ops::A qf[Cfg::kQInRegs ? D / 16 : 1];
+
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    tiles.next(p, blk, n, rows_aligned, tid);
+    __syncthreads();
+    const T* cK = tiles.k_stage(n);
+    const T* cV = tiles.v_stage(n);
+    if constexpr (Cfg::kQInRegs) {
+      if (n == 0) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) Ops::load_a(qf[kk], sQ, kLd, warp * 16, kk * 16, lane);
+      }
+    }
+    float s[kBc / 8][4];
+    zero(s);
+    if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) mma_a_bt<Ops, kBc>(s, qf[kk], cK, kLd, kk * 16, lane);
+    } else {
+      mma_smem_bt<Ops, kBc, D>(s, sQ, kLd, warp * 16, cK, kLd, lane);
+    }
+    softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0,
+                         blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+    mma_c_b<Ops, D, kBc>(o, s, cV, kLd, 0, lane);
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+  if (blk.n_tiles == 0) cp_async_wait<0>();
+  store_rows<Ops, T, D>(p, blk, o, row_max, row_sum, w0, lane);
+}
+
+// The same algorithm on Hopper's warpgroup MMA (sm_90a), for 16-bit types and D in {64, 128}.
+// The block is one warpgroup (4 warps, 64 queries, warp w owning rows 16w..16w+15, exactly the
+// rows it owns above). Q, K, V tiles sit in the 128-byte swizzle layout; S = Q K^T reads Q and K
+// from shared memory through descriptors, O += P V takes P from registers (the S accumulators
+// re-packed, as above) and V, MN-major, from shared memory. Each wgmma reads its B tile once
+// for 64 rows, where mma.sync re-reads it through ldmatrix for every 16 rows.
+template <typename T, int D>
+struct WgmmaFwdConfig {
+  static constexpr int kThreads = 128, kBr = 64, kBc = 64;
+  static constexpr size_t kSmem = 1024 + sizeof(T) * D * (kBr + 4 * kBc);  // + alignment slack
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+    local_fwd_wgmma_kernel(const LocalAttentionParams p, const int64_t q_tiles,
+                           const bool rows_aligned) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = WgmmaFwdConfig<T, D>;
+  using Ops = HalfOps<T>;
+  constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kThreads = Cfg::kThreads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  FwdTiles<T, D, kBr, kBc, kThreads, true> tiles(reinterpret_cast<T*>(smem));
+  static_assert(decltype(tiles)::kElems * sizeof(T) + 1024 == Cfg::kSmem);
+  const T* sQ = tiles.q;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const FwdBlock<T> blk(p, q_tiles, kBr, kBc);
+  tiles.start(p, blk, rows_aligned, tid);
+
+  float o[D / 8][4];
+  zero(o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const int64_t w0 = blk.q0 + warp * 16;
+
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    tiles.next(p, blk, n, rows_aligned, tid);
+    fence_proxy_async();
+    __syncthreads();
+    const T* cK = tiles.k_stage(n);
+    const T* cV = tiles.v_stage(n);
+
+    // S = Q K^T: k-step kk reads 32 bytes at (kk % 4) of each 128-byte row of column block kk / 4.
+    float s[kBc / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = sw128_desc(sQ + (kk / 4) * kBr * 64 + (kk % 4) * 16, 16, 1024);
+      const uint64_t db = sw128_desc(cK + (kk / 4) * kBc * 64 + (kk % 4) * 16, 16, 1024);
+      wgmma_ss_n64<T>(s, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_accumulators(s);
+
+    softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0,
+                         blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+
+    // O += P V: key step kk is 16 rows (2048 bytes) down; column blocks are kBc * 128 bytes apart.
+    uint32_t pa[kBc / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      typename Ops::A a;
+      Ops::a_from_c(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pa[kk][e] = a.r[e];
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      const uint64_t dv = sw128_desc(cV + kk * 16 * 64, kBc * 128, 1024);
+      if constexpr (D == 64) {
+        wgmma_rs_n64<T>(o, pa[kk], dv);
+      } else {
+        wgmma_rs_n128<T>(o, pa[kk], dv);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_accumulators(o);
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+  if (blk.n_tiles == 0) cp_async_wait<0>();
+  store_rows<Ops, T, D>(p, blk, o, row_max, row_sum, w0, lane);
+#else
+  __trap();  // launched only where the sm_90a code is present (see use_wgmma)
+#endif
+}
+
+// wgmma is used when this library was built for sm_90a, the device is a Hopper GPU, and
+// FASTATTN_DISABLE_WGMMA is unset (a switch for comparing with the mma.sync kernel).
+inline bool use_wgmma() {
+#if defined(FASTATTN_SM90A)
+  if (const char* off = std::getenv("FASTATTN_DISABLE_WGMMA"); off != nullptr && off[0] != '\0' &&
+                                                              off[0] != '0') {
+    return false;
+  }
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+template <typename Cfg, typename Kernel>
+cudaError_t launch_fwd_kernel(Kernel kernel, const LocalAttentionParams& p, bool rows_aligned,
+                              cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
+  const int64_t blocks = q_tiles * p.batch * p.heads;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, q_tiles,
+                                                                             rows_aligned);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_d(const LocalAttentionParams& p, bool rows_aligned, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
+    if (use_wgmma()) {
+      return launch_fwd_kernel<WgmmaFwdConfig<T, D>>(local_fwd_wgmma_kernel<T, D>, p, rows_aligned,
+                                                     stream);
+    }
+  }
+  return launch_fwd_kernel<FwdConfig<T, D>>(local_fwd_kernel<T, D>, p, rows_aligned, stream);
+}
+
+template <typename T>
+cudaError_t launch_fwd(const LocalAttentionParams& p, bool rows_aligned, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 16: return launch_fwd_d<T, 16>(p, rows_aligned, stream);
+    case 32: return launch_fwd_d<T, 32>(p, rows_aligned, stream);
+    case 64: return launch_fwd_d<T, 64>(p, rows_aligned, stream);
+    case 96: return launch_fwd_d<T, 96>(p, rows_aligned, stream);
+    case 128: return launch_fwd_d<T, 128>(p, rows_aligned, stream);
+    case 256: return launch_fwd_d<T, 256>(p, rows_aligned, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastattn::cuda

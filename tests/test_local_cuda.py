@@ -1,0 +1,234 @@
+"""CUDA kernels of local attention vs the float64 reference, and the CUDA plumbing around them.
+
+Every test allocates its outputs from a caching allocator first filled with NaN, so an output
+element the kernel forgets to write fails the comparison.
+"""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ops
+from fastattn.reference import local_attention_reference
+from tests.local_cases import FLOORS, check_against_reference, make_qkv
+from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+HEAD_DIMS = [16, 32, 64, 96, 128]
+# (L, window): lengths that are not tile multiples; windows (0,0), one-sided, two-sided,
+# and wider than L (full and causal attention).
+SHAPES = [(1, (0, 0)), (17, (5, 0)), (129, (0, 7)), (200, (0, 0)), (1000, (64, 64)),
+          (300, (1000, 1000)), (257, (2000, 0))]
+
+
+def _id(value):
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], tuple):
+        return f"L{value[0]}-w{value[1][0]}x{value[1][1]}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocator():
+    """Fills the blocks the caching allocator will hand out next with NaN."""
+    torch.cuda.synchronize()
+    big = torch.full((1 << 26,), float("nan"), device="cuda")  # 256 MiB, large pool
+    small = [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(16)]  # small pool
+    del big, small
+    yield
+
+
+def nan_padded(t, extra=7, misalign=False):
+    """A (B, H, L, D) view of t whose storage continues with NaN past every row and head
+    (and, with misalign, starts one element past a 16-byte boundary)."""
+    b, h, n, d = t.shape
+    offset = 1 if misalign else 0
+    buf = torch.full((offset + b * h * (n + extra) * d,), float("nan"), dtype=t.dtype,
+                     device=t.device)
+    view = buf[offset:].view(b, h, n + extra, d)[:, :, :n]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_matches_reference(dtype, head_dim, shape):
+    seq_len, window = shape
+    q, k, v = (nan_padded(t) for t in make_qkv(2, 3, seq_len, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, window)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_mma_sync_forward_where_wgmma_is_the_default(dtype, head_dim, monkeypatch):
+    """Hopper builds run these head dims on wgmma; the mma.sync kernel must stay right too."""
+    monkeypatch.setenv("FASTATTN_DISABLE_WGMMA", "1")
+    q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 333, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(70, (9, 30)), (600, (100, 0))], ids=_id)
+def test_head_dim_256_forward(dtype, shape):
+    seq_len, window = shape
+    q, k, v = make_qkv(2, 2, seq_len, 256, dtype, device="cuda")
+    out, lse = fastattn.local_attention(q, k, v, window, return_lse=True)
+    gold, gold_lse = local_attention_reference(q.double(), k.double(), v.double(), window,
+                                               return_lse=True)
+    same, same_lse = local_attention_reference(q, k, v, window, return_lse=True)
+    assert_close_to_reference(out, gold, same, floor=FLOORS[dtype], name="out")
+    assert_close_to_reference(lse, gold_lse, same_lse.float(), floor=1e-5, name="lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("head_dim", [32, 128], ids=lambda d: f"D{d}")
+def test_key_lengths_zero_partial_and_full(dtype, head_dim):
+    seq_len = 333
+    q, k, v = make_qkv(3, 2, seq_len, head_dim, dtype, device="cuda")
+    key_lengths = torch.tensor([0, 150, seq_len], device="cuda")
+    out = check_against_reference(q, k, v, (70, 20), key_lengths=key_lengths)
+    assert torch.all(out[0] == 0), "a batch with no valid key must give zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)
+def test_strided_blhd_inputs(dtype):
+    q, k, v = make_qkv(2, 4, 150, 64, dtype, device="cuda", layout="blhd")
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, (33, 12))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)
+def test_rows_not_16_byte_aligned(dtype, head_dim):
+    q, k, v = (nan_padded(t, extra=3, misalign=True)
+               for t in make_qkv(2, 2, 97, head_dim, dtype, device="cuda"))
+    assert q.data_ptr() % 16 != 0
+    check_against_reference(q, k, v, (10, 10))
+
+
+def test_custom_scale():
+    q, k, v = make_qkv(1, 2, 190, 64, torch.bfloat16, device="cuda")
+    check_against_reference(q, k, v, (40, 3), scale=-0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_forward_is_bitwise_deterministic(dtype):
+    q, k, v = make_qkv(2, 4, 3000, 64, dtype, device="cuda")
+    out1, lse1 = fastattn.local_attention(q, k, v, (300, 200), return_lse=True)
+    out2, lse2 = fastattn.local_attention(q, k, v, (300, 200), return_lse=True)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+def test_opcheck_strided_bf16():
+    _ops.load()
+    q, k, v = make_qkv(2, 3, 77, 64, torch.bfloat16, device="cuda", layout="blhd")
+    key_lengths = torch.tensor([77, 40], dtype=torch.int32, device="cuda")
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 9, 4, key_lengths, 0.125)
+    torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 300, 64, torch.bfloat16, device="cuda"))
+    grad = torch.randn_like(q)
+
+    def step(q, k, v):
+        return fastattn.local_attention(q, k, v, (31, 7)) * 2.0
+
+    torch.compiler.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(q, k, v)
+    (dq, dk, dv) = torch.autograd.grad(out, (q, k, v), grad)
+    eager = step(q, k, v)
+    (eq, ek, ev) = torch.autograd.grad(eager, (q, k, v), grad)
+    assert torch.equal(out, eager)
+    for name, a, b in (("dq", dq, eq), ("dk", dk, ek), ("dv", dv, ev)):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_cuda_graph_capture_and_replay():
+    _ops.load()
+    window, scale = (20, 5), 0.125
+    q, k, v = make_qkv(2, 2, 250, 64, torch.bfloat16, device="cuda")
+    grad = torch.randn_like(q)
+    grad_lse = torch.randn(q.shape[:-1], device="cuda")
+
+    def run():
+        out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *window, None, scale)
+        grads = torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse, *window,
+                                                       None, scale)
+        return (out, lse, *grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for t in (q, k, v, grad):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    expected = run()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+    for a, b in zip(captured[2:], expected[2:], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_runs_on_the_current_stream():
+    q, k, v = make_qkv(2, 4, 2000, 64, torch.bfloat16, device="cuda")
+    expected = fastattn.local_attention(q, k, v, (100, 100))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # the kernel must queue behind this, not race it
+        out = fastattn.local_attention(q, k, v, (100, 100))
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    q, k, v = make_qkv(1, 2, 100, 32, torch.bfloat16, device="cuda:1")
+    check_against_reference(q, k, v, (7, 7))
+
+
+@pytest.mark.slow
+def test_more_than_2_to_the_31_elements():
+    """64-bit offsets: the last rows of the last head of a (1, 2, 2**24 + 77, 64) problem."""
+    _ops.load()
+    heads, seq_len, head_dim, window = 2, (1 << 24) + 77, 64, (8, 8)
+    assert heads * seq_len * head_dim > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand():
+        return torch.randn(1, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=gen)
+
+    q, k, v = rand(), rand(), rand()
+    out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *window, None, head_dim**-0.5)
+    grad = rand()
+    grad_lse = torch.zeros_like(lse)
+    dq, dk, dv = torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse, *window,
+                                                        None, head_dim**-0.5)
+    start, skip = seq_len - 400, window[0] + window[1]
+    tail = [t[:, -1:, start:].detach() for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_() for t in tail]
+    leaves = [t.clone().requires_grad_() for t in tail]
+    gold = local_attention_reference(*leaves64, window)
+    same = local_attention_reference(*leaves, window)
+    g = grad[:, -1:, start:]
+    gold.backward(g.double())
+    same.backward(g)
+    rows = slice(skip, None)  # rows whose whole band lies inside the tail
+    assert_close_to_reference(out[:, -1:, start:][:, :, rows], gold[:, :, rows], same[:, :, rows],
+                              floor=FLOORS[torch.bfloat16], name="out")
+    for name, actual, g64, g16 in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves64, leaves, strict=True):
+        assert_close_to_reference(actual[:, -1:, start:][:, :, rows], g64.grad[:, :, rows],
+                                  g16.grad[:, :, rows], factor=GRAD_FACTOR,
+                                  floor=FLOORS[torch.bfloat16], name=name)
