@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from fastattn.compat.fast_transformers.masking import FINITE_NEG
 
+# Query rows per block: B = max(c, 64) keeps each block's dense (B, B + c - 1) product at
+# most twice the band it yields, and the matmuls big enough to be efficient for small c.
 _MIN_BLOCK = 64
 
 
@@ -95,6 +97,7 @@ def banded_scores(q, k, bias, key_limit, c: int):
 
 
 def banded_average(a, v):
+    """``local_weighted_average`` without the checks: (N, H, L, c) x (N, H, S, D) -> (N, H, L, D)."""
     n, h, rows, c = a.shape
     block, blocks, padded_rows, width = _blocking(rows, c)
     # Lay each block's (B, c) band out as a (B, B + c - 1) dense row block: pad every row to
