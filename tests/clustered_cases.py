@@ -128,9 +128,9 @@ def check_against_reference(q, k, v, clustering, topk=None, *, key_lengths=None,
     assert torch.all(out[padded] == 0), "padded queries (label -1) must get 0"
 
     grad_out = torch.randn_like(gold)
-    for result, inputs in ((out, leaves), (gold, gold_leaves), (same, same_leaves)):
+    for result in (out, gold, same):
         (result * grad_out.to(result.dtype)).sum().backward()
-    for name, actual, gold_t, same_t in zip("qkv", leaves, gold_leaves, same_leaves):
+    for name, actual, gold_t, same_t in zip("qkv", leaves, gold_leaves, same_leaves, strict=True):
         assert_close_to_reference(actual.grad, gold_t.grad, same_t.grad, factor=GRAD_FACTOR,
                                   floor=floor, name=f"grad_{name}")
     assert torch.all(leaves[0].grad[padded] == 0), "padded queries must get no gradient"

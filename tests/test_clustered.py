@@ -216,5 +216,5 @@ def test_torch_compile_fullgraph_matches_eager():
     assert torch.equal(eager, traced)
     grad = torch.randn_like(eager)
     for a, b in zip(torch.autograd.grad(eager, (q, k, v), grad),
-                    torch.autograd.grad(traced, (q, k, v), grad)):
+                    torch.autograd.grad(traced, (q, k, v), grad), strict=True):
         assert torch.equal(a, b)

@@ -5,6 +5,8 @@ shapes. Each figure is the median over samples of a CUDA graph of several calls 
 fastattn.perf.timing), divided by the calls, without L2 flush.
 
     PYTHONPATH=. python tools/clustered_probe.py [--quick] [--json results.json]
+    PYTHONPATH=. python tools/clustered_probe.py --cpu   # float32 at (1, 8, 2048, 64, C=64),
+                                                         # best of 5 host-clock calls
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from fastattn.perf.timing import TimingConfig, plan_gpu
 from fastattn.reference import improved_clustered_attention_reference
 
 CASES = [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]  # (B, H, L, D, C)
+CPU_CASE = (1, 8, 2048, 64, 64)
 BITS, ITERATIONS, TOPK = 63, 10, 32
 
 
@@ -37,11 +41,44 @@ def gpu_ms(fn, samples: int) -> float:
     return statistics.median(times)
 
 
+def cpu_ms(fn, samples: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
 def forward_backward(fn, leaves, grad):
     def run():
         out = fn(*leaves)
         return torch.autograd.grad(out, leaves, grad)
     return run
+
+
+def make_ops(q, k, v, clustering, clusters):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    opts = dict(bits=BITS, iterations=ITERATIONS)
+    return {
+        "cluster": lambda: fastattn.cluster(q, clusters, **opts),
+        "clustered fwd": lambda: fastattn.clustered_attention(q, k, v, clusters, **opts),
+        "clustered fwd (given clustering)": lambda: fastattn.clustered_attention(
+            q, k, v, clustering=clustering),
+        "improved fwd": lambda: fastattn.improved_clustered_attention(
+            q, k, v, clusters, topk=TOPK, **opts),
+        "improved fwd (given clustering)": lambda: fastattn.improved_clustered_attention(
+            q, k, v, clustering=clustering, topk=TOPK),
+        "clustered fwd+bwd": forward_backward(
+            lambda *t: fastattn.clustered_attention(*t, clusters, **opts), leaves, grad),
+        "improved fwd+bwd": forward_backward(
+            lambda *t: fastattn.improved_clustered_attention(*t, clusters, topk=TOPK, **opts),
+            leaves, grad),
+        "sdpa fwd": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa fwd+bwd": forward_backward(F.scaled_dot_product_attention, leaves, grad),
+    }
 
 
 def spot_check(q, k, v, clustering, clusters):
@@ -57,43 +94,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the first case only, fewer samples")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--cpu", action="store_true", help="time the CPU kernels instead")
     args = parser.parse_args()
     samples = 5 if args.quick else 15
+    device = "cpu" if args.cpu else "cuda"
+    timer = cpu_ms if args.cpu else (lambda fn: gpu_ms(fn, samples))
+    device_name = "cpu" if args.cpu else torch.cuda.get_device_name()
     results = []
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for batch, heads, seq_len, head_dim, clusters in CASES[:1] if args.quick else CASES:
+    print(f"device: {device_name}  torch {torch.__version__}")
+    cases = [CPU_CASE] if args.cpu else CASES[:1] if args.quick else CASES
+    dtypes = (torch.float32,) if args.cpu else (torch.float32, torch.bfloat16)
+    for batch, heads, seq_len, head_dim, clusters in cases:
         shape = f"B{batch} H{heads} L{seq_len} D{head_dim} C{clusters}"
-        for dtype in (torch.float32, torch.bfloat16):
-            q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=dtype)
+        for dtype in dtypes:
+            q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
                        for _ in range(3))
             clustering = fastattn.cluster(q, clusters, bits=BITS, iterations=ITERATIONS)
-            if dtype == torch.float32 and seq_len <= 4096:
+            if dtype == torch.float32 and seq_len == 4096:
                 print(f"{shape}: improved fp32 max |err| vs float64 = "
                       f"{spot_check(q, k, v, clustering, clusters):.2e}")
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            grad = torch.randn_like(q)
-            opts = dict(bits=BITS, iterations=ITERATIONS)
-            ops = {
-                "cluster": lambda: fastattn.cluster(q, clusters, **opts),
-                "clustered fwd": lambda: fastattn.clustered_attention(q, k, v, clusters, **opts),
-                "clustered fwd (given clustering)": lambda: fastattn.clustered_attention(
-                    q, k, v, clustering=clustering),
-                "improved fwd": lambda: fastattn.improved_clustered_attention(
-                    q, k, v, clusters, topk=TOPK, **opts),
-                "improved fwd (given clustering)": lambda: fastattn.improved_clustered_attention(
-                    q, k, v, clustering=clustering, topk=TOPK),
-                "clustered fwd+bwd": forward_backward(
-                    lambda *t: fastattn.clustered_attention(*t, clusters, **opts), leaves, grad),
-                "improved fwd+bwd": forward_backward(
-                    lambda *t: fastattn.improved_clustered_attention(*t, clusters, topk=TOPK,
-                                                                     **opts), leaves, grad),
-                "sdpa fwd": lambda: F.scaled_dot_product_attention(q, k, v),
-                "sdpa fwd+bwd": forward_backward(F.scaled_dot_product_attention, leaves, grad),
-            }
+            ops = make_ops(q, k, v, clustering, clusters)
             timings = {}
             for name, fn in ops.items():
                 try:
-                    timings[name] = gpu_ms(fn, samples)
+                    timings[name] = timer(fn)
                 except Exception as exc:  # report and go on: a probe, not a gate
                     print(f"  {name}: failed: {type(exc).__name__}: {exc}")
             dname = str(dtype).replace("torch.", "")
@@ -104,7 +128,7 @@ def main() -> int:
                 results.append(dict(shape=shape, dtype=dname, op=name, ms=ms))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+            json.dump(dict(device=device_name, torch=torch.__version__,
                            results=results), f, indent=1)
     return 0
 

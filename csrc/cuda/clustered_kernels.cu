@@ -284,9 +284,10 @@ __global__ void aggregate_kernel(ClusteredParams<float> p, const void* x, Tensor
 
 constexpr int kRowThreads = 256;
 
-// Float -> unsigned key with the same order (negative floats reversed).
+// Float -> unsigned key with the same order (negative floats reversed; -0 counts as +0, so
+// that it ties with +0 as the float comparison does).
 __device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f);
+  const uint32_t u = f == 0.f ? 0u : __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
