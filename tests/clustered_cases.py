@@ -139,8 +139,12 @@ def check_against_reference(q, k, v, clustering, topk=None, *, key_lengths=None,
 
 def poison_cuda_cache(megabytes: int = 256) -> None:
     """Fill freed blocks of the caching allocator with NaN, so that an output the kernel
-    forgets to write shows up as NaN."""
+    forgets to write shows up as NaN: one large block, and many small ones (the allocator
+    serves tensors up to 1 MB from a separate pool)."""
     torch.empty(megabytes * 2**18, device="cuda").fill_(float("nan"))
+    small = [torch.empty(2**16, device="cuda") for _ in range(256)]  # 256 KB each
+    for t in small:
+        t.fill_(float("nan"))
 
 
 def check_topk_ties(device):
