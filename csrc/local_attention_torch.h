@@ -68,4 +68,50 @@ inline LocalAttentionParams make_params(const at::Tensor& q, const at::Tensor& k
   return p;
 }
 
+// The tensors a backward call allocates or normalises, and the params pointing at them. Both
+// backends share this; only the kernel launch differs.
+struct LocalAttentionBackward {
+  at::Tensor grad_out, out, lse, grad_lse, delta, grad_q, grad_k, grad_v;
+  LocalAttentionBwdParams params{};
+};
+
+inline LocalAttentionBackward prepare_backward(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& key_lengths, int64_t window_left, int64_t window_right,
+    double scale) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "fastattn: grad_out and out must match q's shape ", q.sizes(), ", got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "fastattn: grad_out and out must have q's dtype ", q.scalar_type());
+  LocalAttentionBackward b;
+  // Gradients arrive in any layout (autograd may hand an expanded zero-stride tensor); the
+  // kernels need a contiguous head dim. q, k, v themselves are never copied.
+  b.grad_out = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
+  b.out = out.stride(-1) == 1 ? out : out.contiguous();
+  b.lse = lse.to(at::kFloat).contiguous();
+  b.grad_lse = grad_lse.to(at::kFloat).contiguous();
+  b.grad_q = at::empty(q.sizes(), q.options());
+  b.grad_k = at::empty(q.sizes(), q.options());
+  b.grad_v = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return b;
+  b.delta = at::empty_like(b.lse);
+  LocalAttentionBwdParams& p = b.params;
+  static_cast<LocalAttentionParams&>(p) =
+      make_params(q, k, v, b.out, b.lse, key_lengths, window_left, window_right, scale);
+  p.grad_out = b.grad_out.data_ptr();
+  p.grad_lse = b.grad_lse.data_ptr<float>();
+  p.delta = b.delta.data_ptr<float>();
+  p.grad_q = b.grad_q.data_ptr();
+  p.grad_k = b.grad_k.data_ptr();
+  p.grad_v = b.grad_v.data_ptr();
+  p.grad_out_strides = strides_of(b.grad_out);
+  p.grad_q_strides = strides_of(b.grad_q);
+  p.grad_k_strides = strides_of(b.grad_k);
+  p.grad_v_strides = strides_of(b.grad_v);
+  return b;
+}
+
 }  // namespace fastattn

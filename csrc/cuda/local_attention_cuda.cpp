@@ -69,44 +69,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     double scale) {
   check_qkv(q, k, v);
   check_cuda_inputs(q, /*backward=*/true);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "fastattn: grad_out and out must match q's shape ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "fastattn: grad_out and out must have q's dtype ", q.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
-  // Gradients arrive in any layout (autograd may hand an expanded zero-stride tensor); the
-  // kernels need a contiguous head dim. q, k, v themselves are never copied.
-  at::Tensor dout = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
-  at::Tensor o = out.stride(-1) == 1 ? out : out.contiguous();
-  at::Tensor lse_c = lse.to(at::kFloat).contiguous();
-  at::Tensor dlse = grad_lse.to(at::kFloat).contiguous();
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
-  at::Tensor grad_k = at::empty(q.sizes(), q.options());
-  at::Tensor grad_v = at::empty(q.sizes(), q.options());
-  if (q.numel() == 0) return {grad_q, grad_k, grad_v};
-  at::Tensor delta = at::empty_like(lse_c);
+  LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
+                                              window_left, window_right, scale);
+  if (q.numel() == 0) return {b.grad_q, b.grad_k, b.grad_v};
   at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-
-  LocalAttentionBwdParams p;
-  static_cast<LocalAttentionParams&>(p) =
-      make_params(q, k, v, o, lse_c, key_lengths, window_left, window_right, scale);
-  p.grad_out = dout.data_ptr();
-  p.grad_lse = dlse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.grad_q = grad_q.data_ptr();
-  p.grad_k = grad_k.data_ptr();
-  p.grad_v = grad_v.data_ptr();
-  p.grad_out_strides = strides_of(dout);
-  p.grad_q_strides = strides_of(grad_q);
-  p.grad_k_strides = strides_of(grad_k);
-  p.grad_v_strides = strides_of(grad_v);
-  const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(dout);
-  C10_CUDA_CHECK(cuda::local_attention_bwd(p, kernel_dtype(q), aligned,
+  const bool aligned =
+      rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(b.grad_out);
+  C10_CUDA_CHECK(cuda::local_attention_bwd(b.params, kernel_dtype(q), aligned,
                                            dq_accum.data_ptr<float>(),
                                            c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_q, grad_k, grad_v};
+  return {b.grad_q, b.grad_k, b.grad_v};
 }
 
 }  // namespace

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything a GPU acceptance run needs, from a bare GPU machine, in two steps that each fit a
+# 10-minute call (the second reuses the first one's builds under build/ and .ft/):
+#   tools/gpu_acceptance.sh tests   build fastattn and fast-transformers, every test (CUDA ones
+#                                   included, the slow >2**31-element case too), compute-sanitizer
+#   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
+#                                   and truncated-file checks, history; table + chart of the run
+# Logs and results go to $OUT (default results/gpu); a short summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-results/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+export FASTATTN_BUILD_DIR="${FASTATTN_BUILD_DIR:-$PWD/build/ext}"
+export FASTATTN_COMMIT="${FASTATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+PYTHON="${PYTHON:-python3}"
+summary=()
+step() {  # step <name> <command...>: run, log to $OUT/<name>.log, remember the outcome
+  local name="$1" rc=0 start=$SECONDS
+  shift
+  "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+  summary+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - start)))")
+  return $rc
+}
+
+case "${1:-}" in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+      --format=csv >"$OUT/gpu.txt" 2>&1
+    # The two builds are independent: run them side by side, then record their outcomes.
+    ("$PYTHON" -m fastattn.build >"$OUT/build.log" 2>&1; echo $? >/tmp/fastattn-build.rc) &
+    (make --no-print-directory fast-transformers PYTHON="$PYTHON" >"$OUT/ft-build.log" 2>&1
+     echo $? >/tmp/ft-build.rc) &
+    wait
+    summary+=("build          rc=$(cat /tmp/fastattn-build.rc)" "ft-build       rc=$(cat /tmp/ft-build.rc)")
+    step tests "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rfEs
+    step sanitize tools/sanitize.sh
+    tail -n 3 "$OUT/tests.log"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"
+    ;;
+  bench)
+    step gate make --no-print-directory gate-gpu-check PYTHON="$PYTHON" RESULTS=results
+    run=results/gate-gpu-check
+    cp "$run/second/table.md" "$run/second/chart.png" "$OUT/" 2>/dev/null
+    cp "$run/second.json" "$OUT/bench.json" 2>/dev/null
+    cp "$run/aa.md" "$OUT/gate-aa.md" 2>/dev/null
+    cp "$run/history/history.md" "$OUT/history.md" 2>/dev/null
+    tail -n 12 "$OUT/gate.log"
+    ;;
+  *)
+    echo "usage: $0 tests|bench" >&2
+    exit 2
+    ;;
+esac
+printf '%s\n' "${summary[@]}"
