@@ -99,7 +99,9 @@ __device__ int block_exclusive_scan(int x, int* scratch) {
 constexpr int kHashThreads = 128;
 
 // Bit t of a query's hash is set iff <q, normal_t> > bias_t; planes are staged transposed
-// ([d][t]) so that every thread of the block reads the same word (a broadcast).
+// ([d][t]) so that every thread of the block reads the same word (a broadcast). Products and
+// sums are rounded separately, in order over d (no fused multiply-add), as the CPU kernel
+// computes them on x86-64: both devices hash alike and so cluster alike.
 template <typename T>
 __global__ void hash_kernel(ClusterParams p) {
   extern __shared__ float planes_t[];  // (D + 1) x bits
@@ -121,7 +123,7 @@ __global__ void hash_kernel(ClusterParams p) {
     const float* plane = planes_t + d * bits;
 #pragma unroll
     for (int t = 0; t < 64; ++t) {
-      if (t < bits) acc[t] += x * plane[t];
+      if (t < bits) acc[t] = __fadd_rn(acc[t], __fmul_rn(x, plane[t]));
     }
   }
   uint64_t code = 0;
