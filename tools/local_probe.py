@@ -21,6 +21,7 @@ import torch
 import fastattn
 from fastattn.perf.cases import case_set
 from fastattn.perf.flops import case_bytes, case_flops
+from fastattn.perf.timing import capture_graph
 from fastattn.reference import local_attention_reference
 
 # Issue 3's acceptance cases: the local cases of the benchmark suite's default set.
@@ -28,16 +29,7 @@ CASES = [case for case in case_set("default") if case.op == "local"]
 
 
 def graph_time_ms(fn, inner: int, samples: int) -> list[float]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
+    graph = capture_graph(fn, inner)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -163,7 +163,7 @@ def _event_time(setup, fn, *, sync_first: bool) -> float:
     return start.elapsed_time(end) * 1e-3
 
 
-def _capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
+def capture_graph(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
     # Warm up on a side stream first, as capture requires (lazy init, autotuning, allocations).
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -198,7 +198,7 @@ def plan_gpu(fn: Callable[[], object], config: TimingConfig = TimingConfig(), *,
     mode, note = "graph", ""
     if no_graph_reason is None:
         try:
-            graph = _capture(fn, calls)
+            graph = capture_graph(fn, calls)
             target = graph.replay
         except Exception as exc:  # any capture failure: time eagerly, and say why
             torch.cuda.synchronize()
