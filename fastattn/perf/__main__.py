@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("compare", "baselines", "history", "report", "check")
+COMMANDS = ("compare", "baselines", "history", "report", "check", "fastest")
 
 
 def main(argv: list[str] | None = None) -> int:

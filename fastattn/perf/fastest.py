@@ -1,0 +1,72 @@
+"""`python -m fastattn.perf fastest-of OUT RUN...`: one run from several, each case its fastest process.
+
+Why: on a shared CPU VM a whole process can run in a slow mode. Measured on the 2-vCPU CI
+machine, the same local-attention backward (same code, same data, one thread) took a steady
+8.4 ms in some processes and 13.7 ms (IQR 2.5%) in others, and the mode is drawn per
+process, not per core. Two single-process runs then differ by 60% half of the time, and no
+honest threshold separates that from a regression. The process-level mode only ever adds
+time, so for each case the gate's CPU self-test keeps the process whose median is lowest
+among K fresh processes (as pyperf spreads its values over worker processes): two runs then
+disagree only if all K processes of one of them drew the slow mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+
+from fastattn.perf.runs import RunError, device_of, parse_run, write_atomic
+
+
+def fastest_per_case(raws: list[dict]) -> dict:
+    """One run's JSON object from runs of one commit on one device: per case, the lowest median.
+
+    The kept record notes how many processes timed the case (``extra_info["processes"]``).
+    """
+    if not raws:
+        raise RunError("no runs to combine")
+    device = device_of(raws[0].get("machine_info") or {})
+    commit = parse_run(json.dumps(raws[0])).commit
+    best: dict[str, dict] = {}
+    seen: dict[str, int] = {}
+    for raw in raws:
+        if device_of(raw.get("machine_info") or {}) != device:
+            raise RunError("the runs to combine come from different devices")
+        if parse_run(json.dumps(raw)).commit != commit:
+            raise RunError("the runs to combine come from different commits")
+        for bench in raw["benchmarks"]:
+            name = bench["fullname"]
+            seen[name] = seen.get(name, 0) + 1
+            if name not in best or bench["stats"]["median"] < best[name]["stats"]["median"]:
+                best[name] = bench
+    out = copy.deepcopy(raws[0])
+    out["benchmarks"] = []
+    for name, bench in best.items():
+        bench = copy.deepcopy(bench)
+        bench.setdefault("extra_info", {})["processes"] = seen[name]
+        out["benchmarks"].append(bench)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        raws = []
+        for path in args.runs:
+            parse_run(open(path).read(), path)  # refuses a corrupt or truncated part
+            raws.append(json.load(open(path)))
+        combined = fastest_per_case(raws)
+    except (OSError, RunError) as err:
+        print(f"fastest-of: {err}", file=sys.stderr)
+        return 2
+    write_atomic(args.out, json.dumps(combined, indent=1).encode())
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("fastest-of", help="combine runs: each case from its fastest process",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("out", help="the combined run (written atomically)")
+    p.add_argument("runs", nargs="+", help="runs of the same commit on the same device")
+    p.set_defaults(func=main)
