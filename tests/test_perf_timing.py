@@ -140,3 +140,33 @@ def test_op(benchmark):
         f"{name}: pytest-benchmark recorded {recorded * 1e6:.1f} us per call; CUDA events by "
         f"hand {before * 1e6:.1f} us before, {after * 1e6:.1f} us after "
         f"({bench['extra_info']['calls_per_round']} calls per round)")
+
+
+@pytest.mark.cuda
+def test_gpu_eager_rounds_exclude_the_hosts_launch_gaps(tmp_path):
+    # 200 launches of a tiny kernel: the host needs several microseconds to enqueue each, the GPU
+    # far less to run it. An eager round that timed the host's pace would record about the
+    # enqueue time; queued behind the spin, the calls run back to back, as in a graph.
+    run = run_session(tmp_path, """
+
+def test_op(benchmark):
+    x = torch.zeros(256, device="cuda")
+    def op():
+        for _ in range(200):
+            x.add_(1.0)
+    plan = timing.plan_gpu(op, no_graph_reason="timed eagerly on purpose")
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(20):
+        op()
+    benchmark.extra_info["enqueue_s"] = (time.perf_counter() - begin) / 20
+    torch.cuda.synchronize()
+    timing.run(benchmark, plan)
+""")
+    (bench,) = run["benchmarks"]
+    info = bench["extra_info"]
+    assert info["timing_mode"] == "eager" and "spin kernel" in info["timing_note"]
+    recorded = bench["stats"]["median"]
+    assert recorded < 0.6 * info["enqueue_s"], (
+        f"an eager round recorded {recorded * 1e6:.1f} us per call, the host's enqueue pace is "
+        f"{info['enqueue_s'] * 1e6:.1f} us: the rounds still wait for the host")
