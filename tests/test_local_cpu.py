@@ -19,6 +19,15 @@ def test_matches_reference(dtype, seq_len, window):
     check_against_reference(q, k, v, window)
 
 
+# The CPU kernel works in tiles of 32 rows against chunks of 64 keys (queries): lengths and
+# windows that cross several tiles and chunks at odd offsets, key_lengths ending mid-tile, and
+# a head dim with a remainder past the kernel's 32-wide blocks.
+@pytest.mark.parametrize("window", [(70, 45), (130, 0), (0, 97), (1, 1)], ids=lambda w: f"w{w[0]}x{w[1]}")
+def test_many_tiles_and_chunks(window):
+    q, k, v = make_qkv(2, 2, 301, 40, torch.float32)
+    check_against_reference(q, k, v, window, key_lengths=torch.tensor([301, 150]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_key_lengths_zero_partial_and_full(dtype):
     seq_len = 45
