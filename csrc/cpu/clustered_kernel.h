@@ -23,7 +23,7 @@ inline int64_t valid_length(const int32_t* lengths, int64_t b, int64_t seq_len) 
 // Bit t is set iff x lies strictly above hyperplane t: <x, normal_t> > bias_t. planes_t is
 // (D + 1, 64), transposed, so the inner loop over the 64 projections vectorises; each
 // projection still sums over d in order, as the CUDA kernel does.
-inline uint64_t hash_row(const float* x, const float* planes_t, int64_t D, int64_t bits) {
+FASTATTN_CLONED_HELPER uint64_t hash_row(const float* x, const float* planes_t, int64_t D, int64_t bits) {
   float s[64] = {};
   for (int64_t d = 0; d < D; ++d) {
     const float* plane = planes_t + d * 64;
@@ -36,8 +36,10 @@ inline uint64_t hash_row(const float* x, const float* planes_t, int64_t D, int64
   return code;
 }
 
-// Nearest centroid in Hamming distance; ties go to the lowest cluster index.
-inline int32_t nearest(uint64_t code, const uint64_t* centroids, int64_t C) {
+// Nearest centroid in Hamming distance; ties go to the lowest cluster index. In the x86-64-v3
+// clone the popcount is one instruction; the baseline build calls libgcc's bit-twiddling
+// __popcountdi2, which took more time than anything else in a CPU clustered call.
+FASTATTN_CLONED_HELPER int32_t nearest(uint64_t code, const uint64_t* centroids, int64_t C) {
   int32_t best = 0;
   int best_distance = 65;
   for (int64_t c = 0; c < C; ++c) {
@@ -50,63 +52,71 @@ inline int32_t nearest(uint64_t code, const uint64_t* centroids, int64_t C) {
   return best;
 }
 
+// Hashing and k-means of the (batch, head) rows [begin, end).
 template <typename scalar_t>
-void cluster(const ClusterParams& p) {
+FASTATTN_CPU_CLONES void cluster_heads(const ClusterParams& p, const float* planes_t, int64_t begin,
+                                       int64_t end) {
   const int64_t L = p.seq_len, D = p.head_dim, C = p.clusters, bits = p.bits;
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  std::vector<float> x(D);
+  std::vector<int32_t> label(L);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    const int64_t n = valid_length(p.query_lengths, b, L);
+    uint64_t* hash = p.hashes + bh * L;
+    uint64_t* centroid = p.centroids + bh * C;
+    int32_t* members = p.members + bh * C;
+    int32_t* ones = p.ones + bh * C * bits;
+    std::fill(members, members + C, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      load_row(x.data(), row<scalar_t>(p.q, p.q_strides, b, h, i), D, 1.0f);
+      hash[i] = hash_row(x.data(), planes_t, D, bits);
+    }
+    for (int64_t c = 0; n > 0 && c < C; ++c) {
+      centroid[c] = hash[c < n ? c : reseed_query(seed, bh, 0, c, n)];
+    }
+    for (int64_t t = 0; n > 0; ++t) {
+      const bool update = t < p.iterations;
+      std::fill(members, members + C, 0);
+      if (update) std::fill(ones, ones + C * bits, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t c = nearest(hash[i], centroid, C);
+        label[i] = c;
+        ++members[c];
+        if (update) {
+          for (uint64_t rest = hash[i]; rest != 0; rest &= rest - 1) {
+            ++ones[c * bits + __builtin_ctzll(rest)];
+          }
+        }
+      }
+      if (!update) break;
+      // Majority vote per bit (a tie gives 0); an empty cluster restarts at a random query.
+      for (int64_t c = 0; c < C; ++c) {
+        if (members[c] == 0) {
+          centroid[c] = hash[reseed_query(seed, bh, t + 1, c, n)];
+          continue;
+        }
+        uint64_t code = 0;
+        for (int64_t bit = 0; bit < bits; ++bit) {
+          code |= static_cast<uint64_t>(2 * ones[c * bits + bit] > members[c]) << bit;
+        }
+        centroid[c] = code;
+      }
+    }
+    for (int64_t i = 0; i < L; ++i) p.labels[bh * L + i] = i < n ? label[i] : -1;
+    for (int64_t c = 0; c < C; ++c) p.counts[bh * C + c] = members[c];
+  }
+}
+
+template <typename scalar_t>
+void cluster(const ClusterParams& p) {
+  const int64_t D = p.head_dim, bits = p.bits;
   std::vector<float> planes_t((D + 1) * 64, 0.f);
   for (int64_t t = 0; t < bits; ++t) {
     for (int64_t d = 0; d <= D; ++d) planes_t[d * 64 + t] = p.planes[t * (D + 1) + d];
   }
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D);
-    std::vector<int32_t> label(L);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      const int64_t n = valid_length(p.query_lengths, b, L);
-      uint64_t* hash = p.hashes + bh * L;
-      uint64_t* centroid = p.centroids + bh * C;
-      int32_t* members = p.members + bh * C;
-      int32_t* ones = p.ones + bh * C * bits;
-      std::fill(members, members + C, 0);
-      for (int64_t i = 0; i < n; ++i) {
-        load_row(x.data(), row<scalar_t>(p.q, p.q_strides, b, h, i), D, 1.0f);
-        hash[i] = hash_row(x.data(), planes_t.data(), D, bits);
-      }
-      for (int64_t c = 0; n > 0 && c < C; ++c) {
-        centroid[c] = hash[c < n ? c : reseed_query(seed, bh, 0, c, n)];
-      }
-      for (int64_t t = 0; n > 0; ++t) {
-        const bool update = t < p.iterations;
-        std::fill(members, members + C, 0);
-        if (update) std::fill(ones, ones + C * bits, 0);
-        for (int64_t i = 0; i < n; ++i) {
-          const int32_t c = nearest(hash[i], centroid, C);
-          label[i] = c;
-          ++members[c];
-          if (update) {
-            for (uint64_t rest = hash[i]; rest != 0; rest &= rest - 1) {
-              ++ones[c * bits + __builtin_ctzll(rest)];
-            }
-          }
-        }
-        if (!update) break;
-        // Majority vote per bit (a tie gives 0); an empty cluster restarts at a random query.
-        for (int64_t c = 0; c < C; ++c) {
-          if (members[c] == 0) {
-            centroid[c] = hash[reseed_query(seed, bh, t + 1, c, n)];
-            continue;
-          }
-          uint64_t code = 0;
-          for (int64_t bit = 0; bit < bits; ++bit) {
-            code |= static_cast<uint64_t>(2 * ones[c * bits + bit] > members[c]) << bit;
-          }
-          centroid[c] = code;
-        }
-      }
-      for (int64_t i = 0; i < L; ++i) p.labels[bh * L + i] = i < n ? label[i] : -1;
-      for (int64_t c = 0; c < C; ++c) p.counts[bh * C + c] = members[c];
-    }
+    cluster_heads<scalar_t>(p, planes_t.data(), begin, end);
   });
 }
 

@@ -33,8 +33,8 @@
 #else
 #define FASTATTN_CPU_CLONES
 #endif
-// Helpers of the tile loops are inlined into each clone, so that they take its instructions.
-#define FASTATTN_TILE_HELPER inline __attribute__((always_inline))
+// Helpers of cloned loops are inlined into each clone, so that they take its instructions.
+#define FASTATTN_CLONED_HELPER inline __attribute__((always_inline))
 
 namespace fastattn::cpu {
 
@@ -97,7 +97,7 @@ inline void load_row(acc_t* dst, const scalar_t* src, int64_t n, acc_t factor) {
 // about the smallest normal float instead of a denormal or 0: at most 1.2e-38 against a row sum
 // of at least 1. The clamp is on the integer exponent because a float compare in the loop
 // would keep GCC from vectorizing it without -fno-trapping-math.
-FASTATTN_TILE_HELPER float exp_of(float x) {
+FASTATTN_CLONED_HELPER float exp_of(float x) {
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float poly = 1.9875691500e-4f;
@@ -120,7 +120,7 @@ inline double exp_of(double x) { return std::exp(x); }
 // n rows of D values, starting at `first`, into acc_t scratch: row-major rows[c * D + d] and/or
 // transposed cols[d * kChunk + c] (either may be null); every value times `factor`.
 template <typename scalar_t, typename acc_t>
-FASTATTN_TILE_HELPER void load_chunk(acc_t* rows, acc_t* cols, const void* base, const TensorStrides& s,
+FASTATTN_CLONED_HELPER void load_chunk(acc_t* rows, acc_t* cols, const void* base, const TensorStrides& s,
                        int64_t b, int64_t h, int64_t first, int64_t n, int64_t D, acc_t factor) {
   for (int64_t c = 0; c < n; ++c) {
     const scalar_t* src = row<scalar_t>(base, s, b, h, first + c);
@@ -137,7 +137,7 @@ FASTATTN_TILE_HELPER void load_chunk(acc_t* rows, acc_t* cols, const void* base,
 // one fused multiply-add per 8 columns and no store until the end (summing into s[] in memory
 // made every multiply-add wait on a store). Columns outside the band are computed and dropped.
 template <typename acc_t>
-FASTATTN_TILE_HELPER void scores(acc_t* __restrict s, const acc_t* __restrict x,
+FASTATTN_CLONED_HELPER void scores(acc_t* __restrict s, const acc_t* __restrict x,
                                  const acc_t* __restrict cols, int64_t D, Band band) {
   acc_t sum[kChunk] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -151,7 +151,7 @@ FASTATTN_TILE_HELPER void scores(acc_t* __restrict s, const acc_t* __restrict x,
 // sum of s[c] for c in [band.lo, band.hi], in 8 interleaved partial sums: a single running sum
 // is a chain of dependent adds that the compiler may not reorder.
 template <typename acc_t>
-FASTATTN_TILE_HELPER acc_t band_sum(const acc_t* s, Band band) {
+FASTATTN_CLONED_HELPER acc_t band_sum(const acc_t* s, Band band) {
   acc_t part[8] = {};
   int64_t c = band.lo;
   for (; c + 8 <= band.hi + 1; c += 8)
@@ -163,7 +163,7 @@ FASTATTN_TILE_HELPER acc_t band_sum(const acc_t* s, Band band) {
 // y[d] += sum_c w[c] * rows[c][d] for c in [band.lo, band.hi], 32 values of y at a time held
 // in registers across c (the same reason as in scores()).
 template <typename acc_t>
-FASTATTN_TILE_HELPER void accumulate(acc_t* __restrict y, const acc_t* __restrict w,
+FASTATTN_CLONED_HELPER void accumulate(acc_t* __restrict y, const acc_t* __restrict w,
                                      const acc_t* __restrict rows, int64_t D, Band band) {
   constexpr int64_t kWidth = 32;
   int64_t d0 = 0;
