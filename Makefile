@@ -109,13 +109,13 @@ history: setup
 # The gate's acceptance on this machine (tools/gate_selftest.sh): two runs of this commit
 # compared -> 0, the second x1.2 -> 1, a truncated file -> 2, and the history renders.
 # On a CPU (CI) the runs are the fastattn local cases of the smoke set (GATE_SELECT), one
-# thread each, half a second of timing per case; each run is 5 processes alternating with the
+# thread each, half a second of timing per case; each run is 7 processes alternating with the
 # other run's, each case keeping its fastest process (a shared VM draws a slow mode per
 # process: fastattn/perf/fastest.py), at a 10% threshold (the planted x1.2 is still caught).
 GATE_SELECT ?= fastattn and local
 gate-selftest: setup
 	PY="$(PY)" MAKE="$(MAKE)" OUT=$(RESULTS)/gate-selftest OMP_NUM_THREADS=1 SHAPES=smoke \
-		GATE_PROCESSES=5 GATE_THRESHOLD=10% GATE_SELECT="$(GATE_SELECT)" \
+		GATE_PROCESSES=7 GATE_THRESHOLD=10% GATE_SELECT="$(GATE_SELECT)" \
 		GATE_BENCH_ARGS="--bench-budget 0.5" tools/gate_selftest.sh
 
 # The GPU acceptance: the same with two default runs (all cases, or GATE_GPU_SELECT); with
