@@ -7,8 +7,12 @@ import pytest
 
 from fastattn.perf.__main__ import main
 from fastattn.perf.fastest import fastest_per_case
-from fastattn.perf.runs import RunError, load_run
+from fastattn.perf.runs import RunError, load_run, parse_run
 from tests.perf_factory import make_run, noisy_cases, write_run
+
+
+def as_run(raw):
+    return parse_run(json.dumps(raw))
 
 
 @pytest.fixture
@@ -33,7 +37,7 @@ def test_each_case_comes_from_its_fastest_process(tmp_path, rng):
 
 def test_cases_of_disjoint_runs_are_all_kept(rng):
     cases = noisy_cases(rng, n_cases=3)
-    combined = fastest_per_case([make_run({name: data}) for name, data in cases.items()])
+    combined = fastest_per_case([as_run(make_run({name: data})) for name, data in cases.items()])
     assert sorted(b["fullname"] for b in combined["benchmarks"]) == sorted(cases)
 
 
@@ -42,7 +46,7 @@ def test_cases_of_disjoint_runs_are_all_kept(rng):
 def test_runs_of_another_commit_or_device_are_refused(rng, other, reason):
     cases = noisy_cases(rng, n_cases=1)
     with pytest.raises(RunError, match=reason):
-        fastest_per_case([make_run(cases), make_run(cases, **other)])
+        fastest_per_case([as_run(make_run(cases)), as_run(make_run(cases, **other))])
 
 
 def test_a_truncated_part_exits_2_and_writes_nothing(tmp_path, rng, capsys):

@@ -42,11 +42,17 @@ expect() {  # expect <exit code> <command...>
   echo "gate selftest: exit $rc as expected from: $*"
 }
 
+one_process() {  # one_process <out.json> <pytest args...>: one run of the suite in a fresh process
+  local out="$1"
+  shift
+  "$PY" -m pytest bench --benchmark-only -q --shapes "$SHAPES" --benchmark-json "$out" "$@" >&2
+}
+
 fastest_of() {  # fastest_of <out.json> <pytest args...>: K processes, each case's fastest kept
   local out="$1" p parts=()
   shift
   for p in $(seq "$GATE_PROCESSES"); do
-    "$PY" -m pytest bench --benchmark-only -q --shapes "$SHAPES" --benchmark-json "$out.p$p" "$@" >&2
+    one_process "$out.p$p" "$@"
     parts+=("$out.p$p")
   done
   "$PY" -m fastattn.perf fastest-of "$out" "${parts[@]}"
@@ -59,10 +65,7 @@ if [ -n "${GATE_PROCESSES:-}" ]; then
   mkdir -p "$OUT/parts"
   select=(${GATE_SELECT:+-k "$GATE_SELECT"})
   for p in $(seq "$GATE_PROCESSES"); do  # first and second alternate: both see the same machine
-    for name in first second; do
-      "$PY" -m pytest bench --benchmark-only -q --shapes "$SHAPES" --benchmark-json "$OUT/parts/$name.p$p" \
-        $ARGS "${select[@]}"
-    done
+    for name in first second; do one_process "$OUT/parts/$name.p$p" $ARGS "${select[@]}"; done
   done
   for name in first second; do "$PY" -m fastattn.perf fastest-of "$OUT/$name.json" "$OUT"/parts/"$name".p*; done
   confirm="GATE_PROCESSES=$GATE_PROCESSES SHAPES=$SHAPES PY=$PY tools/gate_selftest.sh --fastest-of $OUT/confirm.json $ARGS -k {k}"

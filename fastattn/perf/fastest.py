@@ -17,33 +17,31 @@ import copy
 import json
 import sys
 
-from fastattn.perf.runs import RunError, device_of, parse_run, write_atomic
+from fastattn.perf.runs import Run, RunError, load_run, write_atomic
 
 
-def fastest_per_case(raws: list[dict]) -> dict:
+def fastest_per_case(runs: list[Run]) -> dict:
     """One run's JSON object from runs of one commit on one device: per case, the lowest median.
 
     The kept record notes how many processes timed the case (``extra_info["processes"]``).
     """
-    if not raws:
+    if not runs:
         raise RunError("no runs to combine")
-    device = device_of(raws[0].get("machine_info") or {})
-    commit = parse_run(json.dumps(raws[0])).commit
-    best: dict[str, dict] = {}
+    best: dict[str, tuple[float, dict]] = {}
     seen: dict[str, int] = {}
-    for raw in raws:
-        if device_of(raw.get("machine_info") or {}) != device:
+    for run in runs:
+        if run.device != runs[0].device:
             raise RunError("the runs to combine come from different devices")
-        if parse_run(json.dumps(raw)).commit != commit:
+        if run.commit != runs[0].commit:
             raise RunError("the runs to combine come from different commits")
-        for bench in raw["benchmarks"]:
-            name = bench["fullname"]
+        for bench in run.raw["benchmarks"]:
+            name, median = bench["fullname"], run.cases[bench["fullname"]].median
             seen[name] = seen.get(name, 0) + 1
-            if name not in best or bench["stats"]["median"] < best[name]["stats"]["median"]:
-                best[name] = bench
-    out = copy.deepcopy(raws[0])
+            if name not in best or median < best[name][0]:
+                best[name] = (median, bench)
+    out = copy.deepcopy(runs[0].raw)
     out["benchmarks"] = []
-    for name, bench in best.items():
+    for name, (_, bench) in best.items():
         bench = copy.deepcopy(bench)
         bench.setdefault("extra_info", {})["processes"] = seen[name]
         out["benchmarks"].append(bench)
@@ -52,12 +50,8 @@ def fastest_per_case(raws: list[dict]) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        raws = []
-        for path in args.runs:
-            parse_run(open(path).read(), path)  # refuses a corrupt or truncated part
-            raws.append(json.load(open(path)))
-        combined = fastest_per_case(raws)
-    except (OSError, RunError) as err:
+        combined = fastest_per_case([load_run(path) for path in args.runs])
+    except RunError as err:
         print(f"fastest-of: {err}", file=sys.stderr)
         return 2
     write_atomic(args.out, json.dumps(combined, indent=1).encode())

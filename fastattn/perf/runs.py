@@ -48,6 +48,7 @@ class Run:
     run_time: str  # ISO time the run was saved ("" when unknown)
     dirty: bool
     cases: dict[str, Case]
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON object it was parsed from
 
     @property
     def short_commit(self) -> str:
@@ -100,6 +101,7 @@ def parse_run(text: str, path: str = "<run>") -> Run:
         run_time=str(raw.get("datetime") or ""),
         dirty=bool(commit_info.get("dirty")),
         cases=cases,
+        raw=raw,
     )
 
 
