@@ -359,7 +359,6 @@ template <typename scalar_t, typename acc_t>
 void local_attention_backward(const LocalAttentionBwdParams& p) {
   const int64_t D = p.head_dim, L = p.seq_len;
   const int64_t rows = p.batch * p.heads * L, tiles = (L + kRowTile - 1) / kRowTile;
-  const acc_t scale = static_cast<acc_t>(p.scale);
 
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
