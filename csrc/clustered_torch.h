@@ -33,17 +33,6 @@ inline void check_labels(const at::Tensor& labels, const at::Tensor& q, int64_t 
   TORCH_CHECK(clusters >= 1, "fastattn: clusters must be >= 1, got ", clusters);
 }
 
-inline const int32_t* lengths_ptr(const c10::optional<at::Tensor>& lengths, const at::Tensor& q,
-                                  const char* name) {
-  if (!lengths.has_value()) return nullptr;
-  const at::Tensor& t = *lengths;
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0) &&
-                  t.is_contiguous() && t.device() == q.device(),
-              "fastattn: ", name, " must be a contiguous int32 (B,) tensor on q's device, got "
-              "dtype ", t.scalar_type(), " shape ", t.sizes());
-  return t.data_ptr<int32_t>();
-}
-
 template <typename acc_t>
 acc_t* acc_ptr(const at::Tensor& t) {
   return t.data_ptr<acc_t>();

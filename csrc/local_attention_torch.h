@@ -30,6 +30,18 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   }
 }
 
+// The data of an optional (B,) int32 lengths tensor (key_lengths, query_lengths), or nullptr.
+inline const int32_t* lengths_ptr(const c10::optional<at::Tensor>& lengths, const at::Tensor& q,
+                                  const char* name) {
+  if (!lengths.has_value()) return nullptr;
+  const at::Tensor& t = *lengths;
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0) &&
+                  t.is_contiguous() && t.device() == q.device(),
+              "fastattn: ", name, " must be a contiguous int32 (B,) tensor on q's device, got "
+              "dtype ", t.scalar_type(), " shape ", t.sizes());
+  return t.data_ptr<int32_t>();
+}
+
 inline LocalAttentionParams make_params(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v, const at::Tensor& out,
                                         const at::Tensor& lse,
@@ -53,15 +65,7 @@ inline LocalAttentionParams make_params(const at::Tensor& q, const at::Tensor& k
   p.heads = q.size(1);
   p.seq_len = q.size(2);
   p.head_dim = q.size(3);
-  p.key_lengths = nullptr;
-  if (key_lengths.has_value()) {
-    const at::Tensor& kl = *key_lengths;
-    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == q.size(0) &&
-                    kl.is_contiguous() && kl.device() == q.device(),
-                "fastattn: key_lengths must be a contiguous int32 (B,) tensor on q's device, "
-                "got dtype ", kl.scalar_type(), " shape ", kl.sizes());
-    p.key_lengths = kl.data_ptr<int32_t>();
-  }
+  p.key_lengths = lengths_ptr(key_lengths, q, "key_lengths");
   p.window_left = std::min<int64_t>(window_left, p.seq_len);
   p.window_right = std::min<int64_t>(window_right, p.seq_len);
   p.scale = scale;
