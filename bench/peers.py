@@ -178,6 +178,74 @@ def _compiled_flex():
     return torch.compile(_flex_call, fullgraph=True, dynamic=False)
 
 
+class FlashAttention4(Impl):
+    """FlashAttention 4 (``flash-attn-4``, its CuTe-DSL kernels) on (B, L, H, D) views of our
+    (B, H, L, D) tensors: its own layout, reached by a transpose that copies nothing."""
+
+    name = "flash-attn-4"
+    # no_graph_reason stays None: its kernels launch on the TVM-FFI environment stream, which
+    # TVM FFI sets to torch's current stream of the tensors' device on every call (a capture's
+    # side stream included), and it allocates through torch.
+
+    def applies(self, case, device):
+        return case.op == "local"
+
+    def missing(self, case, direction, device):
+        if case.dtype not in ("bf16", "fp16"):
+            return f"flash-attn-4 has bf16/fp16 kernels only, not {case.dtype}"
+        if case.head_dim % 8 or not 8 <= case.head_dim <= 128:
+            # The range both its Hopper (up to 256) and its Blackwell kernels (up to 128) take.
+            return f"flash-attn-4 takes head dims 8..128 in steps of 8, not D={case.head_dim}"
+        error = _fa4_import_error()
+        if error:
+            return (f"flash-attn-4 not installed ({error}): pip install flash-attn-4, or see "
+                    "docs/benchmarks.md for the lent GPU machines")
+        if torch.device(device).type != "cuda":
+            return "flash-attn-4 runs on CUDA only"
+        major, minor = torch.cuda.get_device_capability(device)
+        need, part = (8, "forward") if direction == "fwd" else (9, "backward")
+        if major < need:
+            return f"flash-attn-4's {part} needs compute capability {need}.0+, not {major}.{minor}"
+        return None
+
+    def prepare(self, case, device):
+        from flash_attn.cute import flash_attn_func
+
+        window_size = fa4_window(case.window, case.seq_len)
+
+        def call(q, k, v):
+            out, _lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        window_size=window_size)
+            return out.transpose(1, 2)
+
+        # FA4 compiles each kernel on its first use (about 6 s per shape on an H200), and the
+        # forward without lse (no grad), the forward with it and the backward are three kernels:
+        # run all three here so that no compilation falls into a timed or warm-up round.
+        q, k, v = case.inputs(device)
+        call(q, k, v)
+        leaves = tuple(t.requires_grad_() for t in (q, k, v))
+        out = call(*leaves)
+        torch.autograd.grad(out, leaves, torch.ones(out.shape, dtype=out.dtype, device=device))
+        return call
+
+
+def fa4_window(window, seq_len):
+    """FA4's ``window_size`` for our inclusive ``(left, right)``: ``None`` for a side that
+    reaches every key (``>= L - 1``), its "unbounded". Not -1: FA4 drops the window altogether
+    when left + right < 0, so (-1, 0) would be full attention, not causal. With ``None`` it runs
+    its causal (None, 0) or full (None, None) kernel, as a user of FlashAttention would."""
+    return tuple(None if side >= seq_len - 1 else side for side in window)
+
+
+def _fa4_import_error() -> str | None:
+    # Not cached: a failed import is cheap to retry, and the tests inject a fake module.
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except ImportError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 class Sdpa(Impl):
     """PyTorch SDPA over all keys (causal where the window is): the dense upper bound that a
     sparse method, local or clustered, has to beat."""
@@ -330,5 +398,5 @@ class _FastTransformersCall:
             del self.module._create_query_groups
 
 
-IMPLS = {impl.name: impl for impl in (FastAttn(), FlexAttention(), Sdpa(), Reference(),
-                                       FastTransformers())}
+IMPLS = {impl.name: impl for impl in (FastAttn(), FlexAttention(), FlashAttention4(), Sdpa(),
+                                       Reference(), FastTransformers())}

@@ -1,7 +1,9 @@
 """The benchmark harness refuses what must not be timed: a wrong implementation, and
-FlexAttention's unfused fallback."""
+FlexAttention's unfused fallback; the peers say why they cannot run a case."""
 
 import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -77,3 +79,77 @@ def test_calls_do_one_direction_on_random_inputs():
     assert len(grads) == 3 and all(g.shape == CASE.shape for g in grads)
     backward = harness.make_call(fn, CASE, "bwd", "cpu")
     assert torch.equal(backward()[0], backward()[0]), "bwd replays one saved forward"
+
+
+def test_flash_attention_4_runs_only_local_half_precision_cases():
+    fa4 = peers.IMPLS["flash-attn-4"]
+    clustered = Case("clustered", 1, 2, 64, 16, "bf16", clusters=4)
+    assert fa4.applies(CASE, "cuda") and not fa4.applies(clustered, "cuda")
+    # float32 and odd head dims are generated and skipped with the reason, never silently.
+    assert fa4.missing(CASE, "fwd", "cuda") == "flash-attn-4 has bf16/fp16 kernels only, not fp32"
+    assert "not D=12" in fa4.missing(CASE.with_(dtype="bf16", head_dim=12), "fwd", "cuda")
+    assert "not D=256" in fa4.missing(CASE.with_(dtype="fp16", head_dim=256), "fwd", "cuda")
+
+
+def test_flash_attention_4_says_when_it_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as on a machine without it
+    reason = peers.IMPLS["flash-attn-4"].missing(CASE.with_(dtype="bf16"), "fwd", "cuda")
+    assert reason.startswith("flash-attn-4 not installed (") and "\n" not in reason
+    assert "pip install flash-attn-4" in reason and "docs/benchmarks.md" in reason
+
+
+def test_flash_attention_4_window_is_none_where_a_side_reaches_every_key():
+    assert peers.fa4_window((5, 3), 64) == (5, 3)
+    assert peers.fa4_window((62, 0), 64) == (62, 0)  # key 0 is out of query 63's window
+    assert peers.fa4_window((63, 0), 64) == (None, 0)  # FA4's causal kernel
+    assert peers.fa4_window((0, 1000), 64) == (0, None)
+    assert peers.fa4_window((64, 64), 64) == (None, None)  # full attention
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """flash_attn.cute with FA4's contract, computed by the reference: q, k, v and out
+    (B, L, H, D), window_size sides inclusive or None (unbounded), returns (out, lse). It records
+    what each call received."""
+    calls = []
+
+    def flash_attn_func(q, k, v, window_size=(None, None)):
+        calls.append({"ptrs": [t.data_ptr() for t in (q, k, v)], "shape": tuple(q.shape),
+                      "grad": q.requires_grad, "window_size": window_size})
+        assert all(t.stride(-1) == 1 for t in (q, k, v))
+        assert all(side is None or side >= 0 for side in window_size)
+        length = q.shape[1]
+        window = tuple(length if side is None else side for side in window_size)
+        out, lse = local_attention_reference(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), window, return_lse=True)
+        return out.transpose(1, 2).contiguous(), lse
+
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func, package.cute = flash_attn_func, cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return calls
+
+
+def test_flash_attention_4_with_it_installed_still_needs_cuda(fake_fa4):
+    fa4 = peers.IMPLS["flash-attn-4"]
+    assert fa4.missing(CASE.with_(dtype="bf16"), "fwd", "cpu") == "flash-attn-4 runs on CUDA only"
+
+
+@pytest.mark.parametrize(("window", "window_size"), [
+    ((5, 3), (5, 3)), ((63, 0), (None, 0)), ((0, 64), (0, None)), ((64, 64), (None, None))])
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+def test_flash_attention_4_gets_transposed_views_and_its_window(fake_fa4, window, window_size,
+                                                                direction):
+    fa4, case = peers.IMPLS["flash-attn-4"], CASE.with_(dtype="bf16", window=window)
+    fn = fa4.prepare(case, "cpu")
+    # The kernels compile before the timing: forward without grad, then with it (and backward).
+    assert [c["grad"] for c in fake_fa4] == [False, True]
+    harness.check(fa4, fn, case, direction, "cpu")  # values and gradients against float64
+    q, k, v = case.inputs("cpu")
+    out = fn(q, k, v)
+    call = fake_fa4[-1]
+    assert call["shape"] == (1, 64, 2, 16), "FA4 takes (B, L, H, D)"
+    assert call["ptrs"] == [t.data_ptr() for t in (q, k, v)], "views, not copies"
+    assert call["window_size"] == window_size
+    assert out.shape == case.shape
