@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-IMPL_ORDER = ("fastattn", "flex", "sdpa", "reference", "fast-transformers")
+IMPL_ORDER = ("fastattn", "flex", "flash-attn-4", "sdpa", "reference", "fast-transformers")
 OP_ORDER = ("local", "clustered", "improved-clustered")
 BASELINE_IMPL = "flex"
 
