@@ -20,6 +20,12 @@ struct LocalAttentionParams {
   float* lse;   // (B, H, L) contiguous
   TensorStrides q_strides, k_strides, v_strides, out_strides;
   int64_t batch, heads, seq_len, head_dim;
+  // Not read by any kernel yet; here so that GQA (k/v with kv_heads <= heads) and packed
+  // variable-length batches (cumulative sequence offsets, (B + 1,) int32) plug into the same
+  // struct. Today: kv_heads == heads, no offsets.
+  int64_t kv_heads;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
   const int32_t* key_lengths;  // (B,) valid key counts, or nullptr for "all L"
   int64_t window_left, window_right;  // already clamped to [0, seq_len]
   double scale;  // double so float64 inputs keep their precision; kernels narrow as needed

@@ -65,6 +65,8 @@ inline LocalAttentionParams make_params(const at::Tensor& q, const at::Tensor& k
   p.heads = q.size(1);
   p.seq_len = q.size(2);
   p.head_dim = q.size(3);
+  p.kv_heads = k.size(1);
+  p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
   p.key_lengths = lengths_ptr(key_lengths, q, "key_lengths");
   p.window_left = std::min<int64_t>(window_left, p.seq_len);
   p.window_right = std::min<int64_t>(window_right, p.seq_len);

@@ -19,8 +19,9 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 HEAD_DIMS = [16, 32, 64, 96, 128]
 # (L, window): lengths that are not tile multiples; windows (0,0), one-sided, two-sided,
 # and wider than L (full and causal attention).
+# (1500, (333, 400)) walks more key tiles than the Hopper forward's K/V ring holds.
 SHAPES = [(1, (0, 0)), (17, (5, 0)), (129, (0, 7)), (200, (0, 0)), (1000, (64, 64)),
-          (300, (1000, 1000)), (257, (2000, 0))]
+          (300, (1000, 1000)), (257, (2000, 0)), (1500, (333, 400))]
 
 
 def _id(value):
@@ -69,6 +70,40 @@ def test_mma_sync_forward_where_wgmma_is_the_default(dtype, head_dim, monkeypatc
     monkeypatch.setenv("FASTATTN_DISABLE_WGMMA", "1")
     q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 333, head_dim, dtype, device="cuda"))
     check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_one_warpgroup_wgmma_forward_where_warp_specialized_is_the_default(dtype, head_dim,
+                                                                          monkeypatch):
+    """Hopper builds run these head dims on the warp-specialized kernel; the one-warpgroup
+    wgmma kernel (FASTATTN_DISABLE_WS=1) must stay right too."""
+    monkeypatch.setenv("FASTATTN_DISABLE_WS", "1")
+    q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 333, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
+
+
+def _nan_past(t, key_lengths):
+    """t with every key position at or past key_lengths[b] replaced by NaN (differentiably)."""
+    positions = torch.arange(t.shape[2], device=t.device)
+    padded = positions[None, None, :, None] >= key_lengths[:, None, None, None]
+    return torch.where(padded, torch.full_like(t, float("nan")), t)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_key_padding_is_never_read(dtype, head_dim):
+    """Keys and values past key_lengths hold NaN: nothing of them may reach out, lse or a
+    gradient (on Hopper the V tile holding that boundary is copied by the producer warp)."""
+    seq_len, window = 700, (300, 150)
+    key_lengths = torch.tensor([700, 455, 0], device="cuda")
+    q, k, v = make_qkv(3, 2, seq_len, head_dim, dtype, device="cuda")
+
+    def fn(q, k, v, window, **kwargs):
+        return fastattn.local_attention(q, _nan_past(k, key_lengths), _nan_past(v, key_lengths),
+                                        window, **kwargs)
+
+    check_against_reference(q, k, v, window, key_lengths=key_lengths, fn=fn)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)

@@ -3,6 +3,9 @@
 # 10-minute call (the second reuses the first one's builds under build/ and .ft/):
 #   tools/gpu_acceptance.sh tests   build fastattn and fast-transformers, every test (CUDA ones
 #                                   included, the slow >2**31-element case too), compute-sanitizer
+#   tools/gpu_acceptance.sh forward build fastattn, a one-call smoke run of the forward (bounded
+#                                   time, so a hung kernel shows), the local attention CUDA tests,
+#                                   and the bf16 probe (every forward kernel vs Flex)
 #   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
 #                                   and truncated-file checks, history; table + chart of the run
 # Logs and results go to $OUT (default results/gpu); a short summary is printed last.
@@ -37,6 +40,24 @@ case "${1:-}" in
     step sanitize tools/sanitize.sh
     tail -n 3 "$OUT/tests.log"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"
+    ;;
+  forward)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+      --format=csv >"$OUT/gpu.txt" 2>&1
+    step build "$PYTHON" -m fastattn.build || { tail -n 30 "$OUT/build.log"; exit 1; }
+    step smoke timeout 120 "$PYTHON" -c "import torch, fastattn
+from fastattn.reference import local_attention_reference
+q, k, v = (torch.randn(2, 4, 3000, 128, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+out = fastattn.local_attention(q, k, v, (700, 300)); torch.cuda.synchronize()
+ref = local_attention_reference(q.double(), k.double(), v.double(), (700, 300))
+print('smoke rel err', ((out.double() - ref).norm() / ref.norm()).item())"
+    cat "$OUT/smoke.log"
+    step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
+      tests/test_local_cuda.py
+    tail -n 12 "$OUT/tests.log"
+    step probe timeout 220 "$PYTHON" tools/local_probe.py --variants --dtype bf16 --no-check \
+      --samples 15 --json "$OUT/probe.json"
+    tail -n 28 "$OUT/probe.log"
     ;;
   bench)
     step gate make --no-print-directory gate-gpu-check PYTHON="$PYTHON" RESULTS=results

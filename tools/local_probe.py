@@ -44,14 +44,14 @@ def graph_time_ms(fn, inner: int, samples: int) -> list[float]:
     return times
 
 
-def without_wgmma(fn):
-    """fn with the wgmma forward switched off (read by the launcher, also at graph capture)."""
+def with_switch(fn, variable):
+    """fn with a kernel switch set (read by the launcher, also at graph capture)."""
     def run(q, k, v):
-        os.environ["FASTATTN_DISABLE_WGMMA"] = "1"
+        os.environ[variable] = "1"
         try:
             return fn(q, k, v)
         finally:
-            del os.environ["FASTATTN_DISABLE_WGMMA"]
+            del os.environ[variable]
 
     return run
 
@@ -114,7 +114,10 @@ def probe_case(case, inner, samples, with_flex, variants):
     fwd_bytes = case_bytes(case, "fwd")
     impls = {"fastattn": lambda q, k, v: fastattn.local_attention(q, k, v, window)}
     if variants and dtype != torch.float32 and d in (64, 128):
-        impls["fa-mma"] = without_wgmma(impls["fastattn"])
+        # The warp-specialized forward is the default; fa-wg1 is the one-warpgroup wgmma
+        # kernel before it, fa-mma the mma.sync kernel.
+        impls["fa-wg1"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WS")
+        impls["fa-mma"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WGMMA")
     if with_flex:
         impls["flex"] = make_flex(case)
     rows = []
@@ -157,8 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bf16, ...)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time the mma.sync forward where wgmma is the default")
+                        help="also time the older forward kernels where the newer one is the default")
     args = parser.parse_args(argv)
 
     if not args.no_check:
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
             return 1
     torch.backends.cuda.matmul.allow_tf32 = False
     cases = [c for c in CASES
-             if not args.quick or c.dtype != "bf16" or (c.seq_len <= 16384 and c.head_dim == 64)]
+             if (not args.quick or c.dtype != "bf16" or (c.seq_len <= 16384 and c.head_dim == 64))
+             and (args.dtype is None or c.dtype == args.dtype)]
     rows = []
     # Each case compiles Flex afresh (new shape and mask; grad and no-grad variants).
     torch._dynamo.config.recompile_limit = 64

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck and racecheck over small forward and backward calls of the CUDA
+# compute-sanitizer memcheck, racecheck and synccheck over small forward and backward calls of the CUDA
 # local attention kernels (tools/sanitize_cases.py). Exits non-zero on any report.
 # Usage (on a machine with a GPU, from the repository root): tools/sanitize.sh
 set -euo pipefail
@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-python3}"
 SANITIZER="${SANITIZER:-compute-sanitizer}"
 "$PYTHON" -m fastattn.build >/dev/null  # compile outside the sanitizer
 status=0
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   echo "== compute-sanitizer --tool $tool"
   if ! "$SANITIZER" --tool "$tool" --error-exitcode 1 --kernel-name kns=local_ \
       "$PYTHON" tools/sanitize_cases.py; then

@@ -1,6 +1,6 @@
-// The fwd kernels for __nv_bfloat16, one instantiation per head dim (see local_fwd.cuh).
+// The fwd kernels for __nv_bfloat16, one instantiation per head dim (see fwd_dispatch.cuh).
 #include "cuda/launchers.h"
-#include "cuda/local_fwd.cuh"
+#include "cuda/fwd_dispatch.cuh"
 
 namespace fastattn::cuda {
 template cudaError_t launch_fwd<__nv_bfloat16>(const LocalAttentionParams&, bool, cudaStream_t);

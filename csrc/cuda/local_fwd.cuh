@@ -106,12 +106,14 @@ struct FwdTiles {
 
 // One key tile of the online softmax for the two rows (w0 + g, w0 + g + 8) a lane holds: masks
 // s (unless the tile is interior to every row of the warp), moves it to base-2 units, updates
-// the running max and sum, rescales o, and leaves the unnormalised probabilities in s.
-template <int kBc, int D>
-__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[D / 8][4],
-                                             float (&row_max)[2], float (&row_sum)[2],
-                                             const LocalAttentionParams& p, int64_t keys,
-                                             int64_t w0, int64_t k0, float scale_log2, int lane) {
+// the running max and sum, and leaves the unnormalised probabilities in s and, per row, the
+// factor by which the output accumulated so far must be rescaled.
+template <int kBc>
+__device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&correction)[2],
+                                               const LocalAttentionParams& p, int64_t keys,
+                                               int64_t w0, int64_t k0, float scale_log2,
+                                               int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int64_t left = p.window_left, right = p.window_right;
   const bool interior = k0 >= w0 + 15 - left && k0 + kBc - 1 <= w0 + right && k0 + kBc - 1 < keys;
@@ -137,7 +139,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[
     const float new_max = fmaxf(row_max[r], quad_max(mx));
     // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
     const float base = new_max == -INFINITY ? 0.f : new_max;
-    const float correction = exp2f(row_max[r] - base);
+    correction[r] = exp2f(row_max[r] - base);
     row_max[r] = new_max;
     float sum = 0.f;
 #pragma unroll
@@ -146,13 +148,31 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[
       s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - base);
       sum += s[i][2 * r] + s[i][2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][2 * r] *= correction;
-      o[i][2 * r + 1] *= correction;
-    }
+    row_sum[r] = row_sum[r] * correction[r] + sum;
   }
+}
+
+// o's two rows times their correction.
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (&correction)[2]) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    o[i][0] *= correction[0];
+    o[i][1] *= correction[0];
+    o[i][2] *= correction[1];
+    o[i][3] *= correction[1];
+  }
+}
+
+// online_softmax, then o rescaled.
+template <int kBc, int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[D / 8][4],
+                                             float (&row_max)[2], float (&row_sum)[2],
+                                             const LocalAttentionParams& p, int64_t keys,
+                                             int64_t w0, int64_t k0, float scale_log2, int lane) {
+  float correction[2];
+  online_softmax<kBc>(s, row_max, row_sum, correction, p, keys, w0, k0, scale_log2, lane);
+  rescale_rows<D>(o, correction);
 }
 
 // out = o / sum and lse for the lane's two rows (queries past L are not stored).
@@ -227,6 +247,19 @@ __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
   store_rows<Ops, T, D>(p, blk, o, row_max, row_sum, w0, lane);
 }
 
+// P (the unnormalised probabilities in s) as the register A operand of P V.
+template <typename T, int kBc>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&pa)[kBc / 16][4],
+                                                   const float (&s)[kBc / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBc / 16; ++kk) {
+    typename HalfOps<T>::A a;
+    HalfOps<T>::a_from_c(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pa[kk][e] = a.r[e];
+  }
+}
+
 // The same algorithm on Hopper's warpgroup MMA (sm_90a), for 16-bit types and D in {64, 128}.
 // The block is one warpgroup (4 warps, 64 queries, warp w owning rows 16w..16w+15, exactly the
 // rows it owns above). Q, K, V tiles sit in the 128-byte swizzle layout; S = Q K^T reads Q and K
@@ -271,15 +304,9 @@ __global__ void __launch_bounds__(128)
     const T* cK = tiles.k_stage(n);
     const T* cV = tiles.v_stage(n);
 
-    // S = Q K^T: k-step kk reads 32 bytes at (kk % 4) of each 128-byte row of column block kk / 4.
     float s[kBc / 8][4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = sw128_desc(sQ + (kk / 4) * kBr * 64 + (kk % 4) * 16, 16, 1024);
-      const uint64_t db = sw128_desc(cK + (kk / 4) * kBc * 64 + (kk % 4) * 16, 16, 1024);
-      wgmma_ss_n64<T>(s, da, db, kk > 0);
-    }
+    wgmma_qk<T, D, kBc>(s, sQ, kBr * 64, cK, kBc * 64);
     wgmma_commit();
     wgmma_wait_all();
     fence_accumulators(s);
@@ -287,25 +314,10 @@ __global__ void __launch_bounds__(128)
     softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0,
                          blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
 
-    // O += P V: key step kk is 16 rows (2048 bytes) down; column blocks are kBc * 128 bytes apart.
     uint32_t pa[kBc / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-      typename Ops::A a;
-      Ops::a_from_c(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pa[kk][e] = a.r[e];
-    }
+    pack_probabilities<T, kBc>(pa, s);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-      const uint64_t dv = sw128_desc(cV + kk * 16 * 64, kBc * 128, 1024);
-      if constexpr (D == 64) {
-        wgmma_rs_n64<T>(o, pa[kk], dv);
-      } else {
-        wgmma_rs_n128<T>(o, pa[kk], dv);
-      }
-    }
+    wgmma_pv<T, D, kBc>(o, pa, cV);
     wgmma_commit();
     wgmma_wait_all();
     fence_accumulators(o);
@@ -347,30 +359,6 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const LocalAttentionParams& p, bool
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, q_tiles,
                                                                              rows_aligned);
   return cudaGetLastError();
-}
-
-template <typename T, int D>
-cudaError_t launch_fwd_d(const LocalAttentionParams& p, bool rows_aligned, cudaStream_t stream) {
-  if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
-    if (use_wgmma()) {
-      return launch_fwd_kernel<WgmmaFwdConfig<T, D>>(local_fwd_wgmma_kernel<T, D>, p, rows_aligned,
-                                                     stream);
-    }
-  }
-  return launch_fwd_kernel<FwdConfig<T, D>>(local_fwd_kernel<T, D>, p, rows_aligned, stream);
-}
-
-template <typename T>
-cudaError_t launch_fwd(const LocalAttentionParams& p, bool rows_aligned, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 16: return launch_fwd_d<T, 16>(p, rows_aligned, stream);
-    case 32: return launch_fwd_d<T, 32>(p, rows_aligned, stream);
-    case 64: return launch_fwd_d<T, 64>(p, rows_aligned, stream);
-    case 96: return launch_fwd_d<T, 96>(p, rows_aligned, stream);
-    case 128: return launch_fwd_d<T, 128>(p, rows_aligned, stream);
-    case 256: return launch_fwd_d<T, 256>(p, rows_aligned, stream);
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 }  // namespace fastattn::cuda

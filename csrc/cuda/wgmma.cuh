@@ -1,8 +1,9 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) wrappers for the forward kernel, and the shared-memory
-// matrix descriptors they read. Operands are listed explicitly because inline PTX takes no
-// arrays: d[i][0..3] is the accumulator of columns [8i, 8i+8) in mma.m16n8 C-fragment order
-// (rows g and g + 8 of the warp's 16), which is also the A-fragment order of a register A.
-// Only compiled for sm_90a (FASTATTN_SM90A); callers guard with __CUDA_ARCH_FEAT_SM90_ALL.
+// Hopper warpgroup MMA (wgmma, sm_90a) wrappers for the forward kernels, and the shared-memory
+// matrix descriptors they read. Inline PTX takes no arrays, so the accumulator operand lists
+// are spelled out once by macros: d[i][0..3] is the accumulator of columns [8i, 8i+8) in
+// mma.m16n8 C-fragment order (rows g and g + 8 of the warp's 16), which is also the A-fragment
+// order of a register A. Only compiled for sm_90a (FASTATTN_SM90A); callers guard with
+// __CUDA_ARCH_FEAT_SM90_ALL.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,10 +29,13 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Waits until at most N committed groups of this warpgroup are still in flight.
+template <int N = 0>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Keeps the compiler from moving reads of the accumulators above wgmma_wait_all.
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
+// Keeps the compiler from moving reads of the accumulators above a wgmma_wait.
 template <int N>
 __device__ __forceinline__ void fence_accumulators(float (&d)[N][4]) {
 #pragma unroll
@@ -44,84 +48,100 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// d (64 x 64) (+)= A (64 x 16) * B (16 x 64); A and B K-major in shared memory.
-#define FASTATTN_WGMMA_SS_N64(DT) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " " \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-        "+f"(d[7][2]), "+f"(d[7][3]) \
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate))
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
-                                             int accumulate) {
-  if constexpr (std::is_same_v<T, __half>) {
-    FASTATTN_WGMMA_SS_N64("f16");
-  } else {
-    FASTATTN_WGMMA_SS_N64("bf16");
-  }
-}
-#undef FASTATTN_WGMMA_SS_N64
+// Accumulator operand lists: 8 column groups (N = 64, operands %0..%31) and 16 (N = 128).
+#define FA_ACC4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define FA_ACC_N64 \
+  FA_ACC4(0), FA_ACC4(1), FA_ACC4(2), FA_ACC4(3), FA_ACC4(4), FA_ACC4(5), FA_ACC4(6), FA_ACC4(7)
+#define FA_ACC_N128                                                                         \
+  FA_ACC_N64, FA_ACC4(8), FA_ACC4(9), FA_ACC4(10), FA_ACC4(11), FA_ACC4(12), FA_ACC4(13), \
+      FA_ACC4(14), FA_ACC4(15)
+#define FA_REGS_N64                                                                      \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23," \
+  "%24,%25,%26,%27,%28,%29,%30,%31}"
+#define FA_REGS_N128                                                                        \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"    \
+  "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45," \
+  "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
 
-// d (64 x 64) += A (64 x 16, registers, m16n8k16 A-fragment order) * B (16 x 64); B MN-major
-// in shared memory (row k holds B[k][0 .. 64)).
-#define FASTATTN_WGMMA_RS_N64(DT) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " " \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-        "+f"(d[7][2]), "+f"(d[7][3]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-template <typename T>
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4],
-                                              uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __half>) {
-    FASTATTN_WGMMA_RS_N64("f16");
-  } else {
-    FASTATTN_WGMMA_RS_N64("bf16");
-  }
-}
-#undef FASTATTN_WGMMA_RS_N64
+// d (64 x N) (+)= A (64 x 16) * B (16 x N); A and B K-major in shared memory. DA, DB, ACCUM:
+// the operand numbers of desc_a, desc_b and accumulate (after the 4N/8 accumulators).
+#define FA_WGMMA_SS(SHAPE, DT, REGS, ACC, DA, DB, ACCUM)                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ACCUM ", 0;\n"                    \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." DT "." DT " " REGS      \
+               ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                \
+               : ACC                                                                   \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+// d (64 x N) += A (64 x 16, registers, m16n8k16 A-fragment order) * B (16 x N); B MN-major in
+// shared memory (row k holds B[k][0 .. N)). AREGS, DB, ONE: the operand numbers of a, desc_b
+// and the constant 1 that sets the accumulate predicate.
+#define FA_WGMMA_RS(SHAPE, DT, REGS, ACC, AREGS, DB, ONE)                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ONE ", 0;\n"                      \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." DT "." DT " " REGS      \
+               ", " AREGS ", " DB ", p, 1, 1, 1;\n}\n"                                \
+               : ACC                                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
-// d (64 x 128) += A (64 x 16, registers, m16n8k16 A-fragment order) * B (16 x 128); B MN-major
-// in shared memory (row k holds B[k][0 .. 128)).
-#define FASTATTN_WGMMA_RS_N128(DT) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." DT "." DT " " \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), \
-        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), \
-        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), \
-        "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), \
-        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), \
-        "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), \
-        "+f"(d[15][2]), "+f"(d[15][3]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-template <typename T>
-__device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4],
-                                              uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __half>) {
-    FASTATTN_WGMMA_RS_N128("f16");
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
+                                         int accumulate) {
+  static_assert(N == 64 || N == 128);
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    FA_WGMMA_SS("m64n64k16", "f16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34");
+  } else if constexpr (N == 64) {
+    FA_WGMMA_SS("m64n64k16", "bf16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34");
+  } else if constexpr (std::is_same_v<T, __half>) {
+    FA_WGMMA_SS("m64n128k16", "f16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66");
   } else {
-    FASTATTN_WGMMA_RS_N128("bf16");
+    FA_WGMMA_SS("m64n128k16", "bf16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66");
   }
 }
-#undef FASTATTN_WGMMA_RS_N128
+
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
+                                         uint64_t desc_b) {
+  static_assert(N == 64 || N == 128);
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    FA_WGMMA_RS("m64n64k16", "f16", FA_REGS_N64, FA_ACC_N64, "{%32,%33,%34,%35}", "%36", "%37");
+  } else if constexpr (N == 64) {
+    FA_WGMMA_RS("m64n64k16", "bf16", FA_REGS_N64, FA_ACC_N64, "{%32,%33,%34,%35}", "%36", "%37");
+  } else if constexpr (std::is_same_v<T, __half>) {
+    FA_WGMMA_RS("m64n128k16", "f16", FA_REGS_N128, FA_ACC_N128, "{%64,%65,%66,%67}", "%68", "%69");
+  } else {
+    FA_WGMMA_RS("m64n128k16", "bf16", FA_REGS_N128, FA_ACC_N128, "{%64,%65,%66,%67}", "%68", "%69");
+  }
+}
+
+#undef FA_WGMMA_RS
+#undef FA_WGMMA_SS
+#undef FA_REGS_N128
+#undef FA_REGS_N64
+#undef FA_ACC_N128
+#undef FA_ACC_N64
+#undef FA_ACC4
+
+// S (64 x kBc) = Q (64 x D) K^T for one warpgroup: Q and K tiles in the 128-byte swizzle layout
+// (D / 64 column blocks, q_block / k_block elements apart). k-step kk reads 32 bytes at
+// (kk % 4) of each 128-byte row of column block kk / 4.
+template <typename T, int D, int kBc>
+__device__ __forceinline__ void wgmma_qk(float (&s)[kBc / 8][4], const T* q, int q_block,
+                                         const T* k, int k_block) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint64_t da = sw128_desc(q + (kk / 4) * q_block + (kk % 4) * 16, 16, 1024);
+    const uint64_t db = sw128_desc(k + (kk / 4) * k_block + (kk % 4) * 16, 16, 1024);
+    wgmma_ss<T, kBc>(s, da, db, kk > 0);
+  }
+}
+
+// O (64 x D) += P (64 x kBc, registers) V (kBc x D, MN-major, swizzled): key step kk is 16 rows
+// (2048 bytes) down; V's column blocks are kBc * 128 bytes apart.
+template <typename T, int D, int kBc>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[kBc / 16][4],
+                                         const T* v) {
+#pragma unroll
+  for (int kk = 0; kk < kBc / 16; ++kk) {
+    wgmma_rs<T, D>(o, pa[kk], sw128_desc(v + kk * 16 * 64, kBc * 128, 1024));
+  }
+}
 
 }  // namespace fastattn::cuda

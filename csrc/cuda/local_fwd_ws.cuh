@@ -1,0 +1,272 @@
+// Forward of sliding-window attention on Hopper (sm_90a), 16-bit types, D in {64, 128}:
+// warp-specialized, TMA-fed, ping-pong scheduled (FlashAttention-3's schedule, for a band).
+//
+// A block of three warpgroups owns kBr = 128 queries of one (batch, head):
+// - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q once and of
+//   each K / V tile of the band into a ring of kStages stages, each completing on its own
+//   mbarrier ("full"); it reuses a stage once both consumers have released it ("empty"). It
+//   gives its registers away (setmaxnreg) to the consumers.
+// - warpgroups 1 and 2 are consumers, 64 queries each, over the same key tiles. Per tile n:
+//   S = Q K_n^T and O += P_{n-1} V_{n-1} are issued together as wgmma, then the softmax of S_n
+//   runs while those products are on the tensor cores (intra-warpgroup overlap). Two named
+//   barriers make the consumers take turns issuing their products (ping-pong), so one's
+//   softmax overlaps the other's matrix work.
+// The band is [q0 - left, q0 + 127 + right] clipped to [0, key_lengths[b]), in tiles of kBc
+// keys starting at its first key (the origin wastes nothing on the left edge). Tiles past L
+// read zeros (TMA); keys past key_lengths are masked, and the V rows of the tile that holds
+// that boundary are copied by the producer warp with zeros past it, so padding (whatever it
+// holds, NaN included) never reaches the output. Same semantics, same output order and the
+// same store code as the other forward kernels: deterministic.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "cuda/hopper_sync.cuh"
+#include "cuda/local_fwd.cuh"
+#include "cuda/tensor_map.h"
+#include "cuda/wgmma.cuh"
+
+namespace fastattn::cuda {
+
+template <typename T, int D>
+struct WsFwdConfig {
+  static constexpr int kThreads = 384, kBr = 128, kBc = 128;
+  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * (40 + 2 * 232) <= 64K
+  static constexpr int kTileBytes = kBc * D * static_cast<int>(sizeof(T));
+  static constexpr int kQBytes = kBr * D * static_cast<int>(sizeof(T));
+  // Q, K stages, V stages, then the mbarriers; + 1024 bytes of alignment slack.
+  static constexpr size_t kBarrierOffset = kQBytes + 2 * kStages * kTileBytes;
+  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * (1 + 3 * kStages);
+};
+
+struct FwdTensorMaps {
+  CUtensorMap q, k, v;
+};
+
+// The block's shared memory: Q, the K and V rings (D / 64 column blocks per tile, each rows x
+// 128 bytes in the 128-byte swizzle layout), and the barriers.
+template <typename T, int D>
+struct WsFwdSmem {
+  using Cfg = WsFwdConfig<T, D>;
+  T* q;
+  T* k;
+  T* v;
+  uint64_t* q_full;
+  uint64_t* k_full;
+  uint64_t* v_full;
+  uint64_t* empty;
+
+  __device__ __forceinline__ explicit WsFwdSmem(unsigned char* base)
+      : q(reinterpret_cast<T*>(base)),
+        k(reinterpret_cast<T*>(base + Cfg::kQBytes)),
+        v(reinterpret_cast<T*>(base + Cfg::kQBytes + Cfg::kStages * Cfg::kTileBytes)),
+        q_full(reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset)),
+        k_full(q_full + 1),
+        v_full(k_full + Cfg::kStages),
+        empty(v_full + Cfg::kStages) {}
+  __device__ __forceinline__ T* k_stage(int s) const { return k + s * Cfg::kBc * D; }
+  __device__ __forceinline__ T* v_stage(int s) const { return v + s * Cfg::kBc * D; }
+};
+
+// The producer warp: Q, then every K / V tile of the band through the ring.
+template <typename T, int D>
+__device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const FwdTensorMaps& maps,
+                                           const FwdBlock<T>& blk, const WsFwdSmem<T, D>& sm,
+                                           int lane) {
+  using Cfg = WsFwdConfig<T, D>;
+  constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
+  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  if (lane == 0) {
+    mbar_arrive_expect_tx(sm.q_full, Cfg::kQBytes);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+      tma_load_4d(sm.q + cb * Cfg::kBr * 64, &maps.q, sm.q_full, cb * 64,
+                  static_cast<int>(blk.q0), h, b);
+    }
+  }
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    const int stage = n % kStages;
+    if (n >= kStages) mbar_wait(&sm.empty[stage], ((n / kStages) - 1) & 1);
+    const int64_t k0 = blk.lo + static_cast<int64_t>(n) * kBc;
+    T* ks = sm.k_stage(stage);
+    T* vs = sm.v_stage(stage);
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&sm.k_full[stage], Cfg::kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < D / 64; ++cb) {
+        tma_load_4d(ks + cb * kBc * 64, &maps.k, &sm.k_full[stage], cb * 64, static_cast<int>(k0),
+                    h, b);
+      }
+    }
+    // Keys in [key_lengths[b], L) are real memory that TMA would read: the tile that holds
+    // that boundary is copied here, zeros past it (masked K rows need no such care: their
+    // scores are replaced, not multiplied).
+    if (k0 + kBc > blk.keys && blk.keys < p.seq_len) {
+      constexpr int kChunks = D / 8;
+      for (int c = lane; c < kBc * kChunks; c += 32) {
+        const int r = c / kChunks, chunk = c % kChunks;
+        const int64_t row = k0 + r;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (row < blk.keys) {
+          value = *reinterpret_cast<const uint4*>(blk.v + row * p.v_strides.seq + chunk * 8);
+        }
+        *reinterpret_cast<uint4*>(vs + chunk_offset<T, kBc, true>(r, chunk, 0)) = value;
+      }
+      fence_proxy_async();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.v_full[stage]);
+    } else if (lane == 0) {
+      mbar_arrive_expect_tx(&sm.v_full[stage], Cfg::kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < D / 64; ++cb) {
+        tma_load_4d(vs + cb * kBc * 64, &maps.v, &sm.v_full[stage], cb * 64, static_cast<int>(k0),
+                    h, b);
+      }
+    }
+  }
+}
+
+// One consumer warpgroup (wg 0 or 1: queries q0 + 64 wg ..): the pipelined loop over the band.
+template <typename T, int D>
+__device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+                                           const WsFwdSmem<T, D>& sm, int wg, int tid) {
+  using Cfg = WsFwdConfig<T, D>;
+  constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages, kQBlock = Cfg::kBr * 64;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t w0 = blk.q0 + 64 * wg + 16 * warp;  // this warp's first query
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const T* q = sm.q + wg * 64 * 64;
+  float o[D / 8][4];
+  zero(o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, correction[2];
+  const int n_tiles = blk.n_tiles;
+  if (n_tiles > 0) {
+    // Ping-pong: consumer wg issues its products after bar 1 + wg and then lets the other go.
+    const int self = 1 + wg, other = 2 - wg;
+    if (wg == 1) named_arrive(1, 256);
+    mbar_wait(sm.q_full, 0);
+    float s[kBc / 8][4];
+    uint32_t pa[kBc / 16][4];
+
+    mbar_wait(&sm.k_full[0], 0);
+    named_sync(self, 256);
+    wgmma_fence();
+    wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(0), kBc * 64);
+    wgmma_commit();
+    named_arrive(other, 256);
+    wgmma_wait<0>();
+    fence_accumulators(s);
+    online_softmax<kBc>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo, scale_log2,
+                        lane);
+    pack_probabilities<T, kBc>(pa, s);
+
+    for (int n = 1; n < n_tiles; ++n) {
+      const int stage = n % kStages, prev = (n - 1) % kStages;
+      mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
+      named_sync(self, 256);
+      wgmma_fence();
+      wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(stage), kBc * 64);
+      wgmma_commit();
+      mbar_wait(&sm.v_full[prev], ((n - 1) / kStages) & 1);
+      wgmma_pv<T, D, kBc>(o, pa, sm.v_stage(prev));
+      wgmma_commit();
+      named_arrive(other, 256);
+      wgmma_wait<1>();  // S_n is ready; P_{n-1} V_{n-1} may still run
+      fence_accumulators(s);
+      online_softmax<kBc>(s, row_max, row_sum, correction, p, blk.keys, w0,
+                          blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+      wgmma_wait<0>();
+      fence_accumulators(o);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.empty[prev]);  // this warp is done with K/V_{n-1}
+      rescale_rows<D>(o, correction);
+      pack_probabilities<T, kBc>(pa, s);
+    }
+    const int last = (n_tiles - 1) % kStages;
+    mbar_wait(&sm.v_full[last], ((n_tiles - 1) / kStages) & 1);
+    named_sync(self, 256);
+    wgmma_fence();
+    wgmma_pv<T, D, kBc>(o, pa, sm.v_stage(last));
+    wgmma_commit();
+    // Consumer 1 arrived once ahead at the start: its last turn hands over nothing.
+    if (wg == 0) named_arrive(other, 256);
+    wgmma_wait<0>();
+    fence_accumulators(o);
+  }
+  store_rows<HalfOps<T>, T, D>(p, blk, o, row_max, row_sum, w0, lane);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+    local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
+                        const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = WsFwdConfig<T, D>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const WsFwdSmem<T, D> sm(base);
+  const FwdBlock<T> blk(p, q_tiles, Cfg::kBr, Cfg::kBc);
+  const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
+  if (threadIdx.x == 0) {
+    tma_prefetch_descriptor(&maps.q);
+    tma_prefetch_descriptor(&maps.k);
+    tma_prefetch_descriptor(&maps.v);
+    mbar_init(sm.q_full, 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbar_init(&sm.k_full[s], 1);
+      mbar_init(&sm.v_full[s], 1);
+      mbar_init(&sm.empty[s], 8);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (warpgroup == 0) {
+    regs_decrease<Cfg::kProducerRegs>();
+    if (tid < 32 && blk.n_tiles > 0) ws_produce<T, D>(p, maps, blk, sm, tid);
+  } else {
+    regs_increase<Cfg::kConsumerRegs>();
+    ws_consume<T, D>(p, blk, sm, warpgroup - 1, tid);
+  }
+#else
+  __trap();  // launched only where the sm_90a code is present (see use_wgmma)
+#endif
+}
+
+// The warp-specialized kernel is the default where it applies; FASTATTN_DISABLE_WS=1 takes the
+// one-warpgroup wgmma kernel instead (for comparison).
+inline bool use_ws_forward() {
+  const char* off = std::getenv("FASTATTN_DISABLE_WS");
+  return off == nullptr || off[0] == '\0' || off[0] == '0';
+}
+
+// Launches the warp-specialized forward if TMA can describe q, k and v; false otherwise.
+template <typename T, int D>
+bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError_t* err) {
+  using Cfg = WsFwdConfig<T, D>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  FwdTensorMaps maps;
+  if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
+                       Cfg::kBr) ||
+      !encode_head_map(&maps.k, p.k, kBf16, p.batch, p.heads, p.seq_len, D, p.k_strides,
+                       Cfg::kBc) ||
+      !encode_head_map(&maps.v, p.v, kBf16, p.batch, p.heads, p.seq_len, D, p.v_strides,
+                       Cfg::kBc)) {
+    return false;
+  }
+  auto kernel = local_fwd_ws_kernel<T, D>;
+  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(Cfg::kSmem));
+  if (*err != cudaSuccess) return true;
+  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
+  const int64_t blocks = q_tiles * p.batch * p.heads;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, q_tiles);
+  *err = cudaGetLastError();
+  return true;
+}
+
+}  // namespace fastattn::cuda
