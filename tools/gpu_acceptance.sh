@@ -55,7 +55,7 @@ print('smoke rel err', ((out.double() - ref).norm() / ref.norm()).item())"
     step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
       tests/test_local_cuda.py
     tail -n 12 "$OUT/tests.log"
-    step probe timeout 220 "$PYTHON" tools/local_probe.py --variants --dtype bf16 --no-check \
+    step probe timeout 220 "$PYTHON" tools/local_probe.py --variants --dtype bf16 --no-check ${PROBE_ARGS:-} \
       --samples 15 --json "$OUT/probe.json"
     tail -n 28 "$OUT/probe.log"
     ;;

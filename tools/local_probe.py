@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bf16, ...)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also run each bf16 case in float16 (the same kernels' other dtype)")
     parser.add_argument("--variants", action="store_true",
                         help="also time the older forward kernels where the newer one is the default")
     args = parser.parse_args(argv)
@@ -174,13 +176,18 @@ def main(argv=None) -> int:
     cases = [c for c in CASES
              if (not args.quick or c.dtype != "bf16" or (c.seq_len <= 16384 and c.head_dim == 64))
              and (args.dtype is None or c.dtype == args.dtype)]
+    if args.fp16:
+        cases += [c.with_(dtype="fp16") for c in cases if c.dtype == "bf16"]
     rows = []
     # Each case compiles Flex afresh (new shape and mask; grad and no-grad variants).
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 512
     for case in cases:
         torch._dynamo.reset()
-        rows += probe_case(case, args.inner, args.samples, not args.no_flex, args.variants)
+        # float16 rows are there to compare with bf16: fastattn's default kernel alone.
+        full = case.dtype != "fp16"
+        rows += probe_case(case, args.inner, args.samples, full and not args.no_flex,
+                           full and args.variants)
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -41,10 +41,11 @@ struct FwdBlock {
   int n_tiles;
   const T *q, *k, *v;
 
-  __device__ __forceinline__ FwdBlock(const LocalAttentionParams& p, int64_t q_tiles, int br,
-                                      int bc) {
-    const int64_t tile = blockIdx.x % q_tiles;
-    bh = blockIdx.x / q_tiles;
+  // work: the index of the (batch, head, query tile) triple, query tiles of a head adjacent.
+  __device__ __forceinline__ FwdBlock(const LocalAttentionParams& p, int64_t work, int64_t q_tiles,
+                                      int br, int bc) {
+    const int64_t tile = work % q_tiles;
+    bh = work / q_tiles;
     b = bh / p.heads;
     h = bh % p.heads;
     keys = valid_keys(p, b);
@@ -123,12 +124,17 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&r
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] *= scale_log2;
   } else {
+    // In 32 bits, relative to the lane's first (query, key): kj - qi and the key's column stay
+    // within L + 2 tiles of 0 (a tensor of 2**31 rows would not fit in device memory).
+    const int rel = static_cast<int>(k0 - w0) + 2 * t - g;
+    const int columns = static_cast<int>(keys - k0 < kBc ? keys - k0 : kBc) - 2 * t;
+    const int lo = -static_cast<int>(left), hi = static_cast<int>(right);
 #pragma unroll
     for (int i = 0; i < kBc / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t qi = w0 + g + (e >> 1) * 8, kj = k0 + i * 8 + 2 * t + (e & 1);
-        s[i][e] = visible(qi, kj, left, right, keys) ? s[i][e] * scale_log2 : -INFINITY;
+        const int d = rel + i * 8 + (e & 1) - (e >> 1) * 8, column = i * 8 + (e & 1);
+        s[i][e] = d >= lo && d <= hi && column < columns ? s[i][e] * scale_log2 : -INFINITY;
       }
   }
 #pragma unroll
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
   const T* sQ = tiles.q;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const FwdBlock<T> blk(p, q_tiles, kBr, kBc);
+  const FwdBlock<T> blk(p, blockIdx.x, q_tiles, kBr, kBc);
   tiles.start(p, blk, rows_aligned, tid);
 
   float o[D / 8][4];
@@ -288,7 +294,7 @@ __global__ void __launch_bounds__(128)
   const T* sQ = tiles.q;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const FwdBlock<T> blk(p, q_tiles, kBr, kBc);
+  const FwdBlock<T> blk(p, blockIdx.x, q_tiles, kBr, kBc);
   tiles.start(p, blk, rows_aligned, tid);
 
   float o[D / 8][4];

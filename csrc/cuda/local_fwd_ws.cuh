@@ -1,10 +1,11 @@
 // Forward of sliding-window attention on Hopper (sm_90a), 16-bit types, D in {64, 128}:
 // warp-specialized, TMA-fed, ping-pong scheduled (FlashAttention-3's schedule, for a band).
 //
-// A block of three warpgroups owns kBr = 128 queries of one (batch, head):
-// - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q once and of
-//   each K / V tile of the band into a ring of kStages stages, each completing on its own
-//   mbarrier ("full"); it reuses a stage once both consumers have released it ("empty"). It
+// A block of three warpgroups owns 128 queries of one (batch, head) at a time (persistent: it
+// takes query tiles blockIdx.x, + gridDim.x, ...):
+// - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q and of each
+//   K / V tile of the band into a ring of kStages stages, each completing on its own mbarrier
+//   ("full"); it reuses a stage (and Q) once both consumers have released it ("empty"). It
 //   gives its registers away (setmaxnreg) to the consumers.
 // - warpgroups 1 and 2 are consumers, 64 queries each, over the same key tiles. Per tile n:
 //   S = Q K_n^T and O += P_{n-1} V_{n-1} are issued together as wgmma, then the softmax of S_n
@@ -20,6 +21,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -40,7 +42,7 @@ struct WsFwdConfig {
   static constexpr int kQBytes = kBr * D * static_cast<int>(sizeof(T));
   // Q, K stages, V stages, then the mbarriers; + 1024 bytes of alignment slack.
   static constexpr size_t kBarrierOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * (1 + 3 * kStages);
+  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * (2 + 3 * kStages);
 };
 
 struct FwdTensorMaps {
@@ -56,6 +58,7 @@ struct WsFwdSmem {
   T* k;
   T* v;
   uint64_t* q_full;
+  uint64_t* q_empty;
   uint64_t* k_full;
   uint64_t* v_full;
   uint64_t* empty;
@@ -65,21 +68,31 @@ struct WsFwdSmem {
         k(reinterpret_cast<T*>(base + Cfg::kQBytes)),
         v(reinterpret_cast<T*>(base + Cfg::kQBytes + Cfg::kStages * Cfg::kTileBytes)),
         q_full(reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset)),
-        k_full(q_full + 1),
+        q_empty(q_full + 1),
+        k_full(q_full + 2),
         v_full(k_full + Cfg::kStages),
         empty(v_full + Cfg::kStages) {}
   __device__ __forceinline__ T* k_stage(int s) const { return k + s * Cfg::kBc * D; }
   __device__ __forceinline__ T* v_stage(int s) const { return v + s * Cfg::kBc * D; }
 };
 
-// The producer warp: Q, then every K / V tile of the band through the ring.
+// Where a block stands in its stream of work: K/V tiles through the ring so far (the ring's
+// stage and phase continue from one query tile to the next) and Q tiles loaded so far.
+struct WsProgress {
+  int kv_tiles = 0;
+  int q_tiles = 0;
+};
+
+// The producer warp, for one query tile: Q (once the consumers are done with the previous Q),
+// then every K / V tile of the band through the ring.
 template <typename T, int D>
 __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const FwdTensorMaps& maps,
                                            const FwdBlock<T>& blk, const WsFwdSmem<T, D>& sm,
-                                           int lane) {
+                                           WsProgress& at, int lane) {
   using Cfg = WsFwdConfig<T, D>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
   const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  if (at.q_tiles > 0) mbar_wait(sm.q_empty, (at.q_tiles - 1) & 1);
   if (lane == 0) {
     mbar_arrive_expect_tx(sm.q_full, Cfg::kQBytes);
 #pragma unroll
@@ -88,9 +101,10 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
                   static_cast<int>(blk.q0), h, b);
     }
   }
-  for (int n = 0; n < blk.n_tiles; ++n) {
-    const int stage = n % kStages;
-    if (n >= kStages) mbar_wait(&sm.empty[stage], ((n / kStages) - 1) & 1);
+  ++at.q_tiles;
+  for (int n = 0; n < blk.n_tiles; ++n, ++at.kv_tiles) {
+    const int stage = at.kv_tiles % kStages;
+    if (at.kv_tiles >= kStages) mbar_wait(&sm.empty[stage], ((at.kv_tiles / kStages) - 1) & 1);
     const int64_t k0 = blk.lo + static_cast<int64_t>(n) * kBc;
     T* ks = sm.k_stage(stage);
     T* vs = sm.v_stage(stage);
@@ -130,10 +144,12 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
   }
 }
 
-// One consumer warpgroup (wg 0 or 1: queries q0 + 64 wg ..): the pipelined loop over the band.
+// One consumer warpgroup (wg 0 or 1: queries q0 + 64 wg ..) over one query tile: the pipelined
+// loop over the band, then the store.
 template <typename T, int D>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
-                                           const WsFwdSmem<T, D>& sm, int wg, int tid) {
+                                           const WsFwdSmem<T, D>& sm, WsProgress& at, int wg,
+                                           int tid) {
   using Cfg = WsFwdConfig<T, D>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages, kQBlock = Cfg::kBr * 64;
   const int lane = tid & 31, warp = tid >> 5;
@@ -147,36 +163,48 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
   if (n_tiles > 0) {
     // Ping-pong: consumer wg issues its products after bar 1 + wg and then lets the other go.
     const int self = 1 + wg, other = 2 - wg;
+    const int first = at.kv_tiles;
+    auto stage_of = [&](int n) { return (first + n) % kStages; };
+    auto phase_of = [&](int n) { return static_cast<uint32_t>(((first + n) / kStages) & 1); };
+    // Once S of the last tile is in registers, Q may be replaced by the next query tile's.
+    auto release_q_after = [&](int n) {
+      if (n == n_tiles - 1) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sm.q_empty);
+      }
+    };
     if (wg == 1) named_arrive(1, 256);
-    mbar_wait(sm.q_full, 0);
+    mbar_wait(sm.q_full, at.q_tiles & 1);
     float s[kBc / 8][4];
     uint32_t pa[kBc / 16][4];
 
-    mbar_wait(&sm.k_full[0], 0);
+    mbar_wait(&sm.k_full[stage_of(0)], phase_of(0));
     named_sync(self, 256);
     wgmma_fence();
-    wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(0), kBc * 64);
+    wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(stage_of(0)), kBc * 64);
     wgmma_commit();
     named_arrive(other, 256);
     wgmma_wait<0>();
     fence_accumulators(s);
+    release_q_after(0);
     online_softmax<kBc>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo, scale_log2,
                         lane);
     pack_probabilities<T, kBc>(pa, s);
 
     for (int n = 1; n < n_tiles; ++n) {
-      const int stage = n % kStages, prev = (n - 1) % kStages;
-      mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
+      const int stage = stage_of(n), prev = stage_of(n - 1);
+      mbar_wait(&sm.k_full[stage], phase_of(n));
       named_sync(self, 256);
       wgmma_fence();
       wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(stage), kBc * 64);
       wgmma_commit();
-      mbar_wait(&sm.v_full[prev], ((n - 1) / kStages) & 1);
+      mbar_wait(&sm.v_full[prev], phase_of(n - 1));
       wgmma_pv<T, D, kBc>(o, pa, sm.v_stage(prev));
       wgmma_commit();
       named_arrive(other, 256);
       wgmma_wait<1>();  // S_n is ready; P_{n-1} V_{n-1} may still run
       fence_accumulators(s);
+      release_q_after(n);
       online_softmax<kBc>(s, row_max, row_sum, correction, p, blk.keys, w0,
                           blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
       wgmma_wait<0>();
@@ -186,8 +214,8 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       rescale_rows<D>(o, correction);
       pack_probabilities<T, kBc>(pa, s);
     }
-    const int last = (n_tiles - 1) % kStages;
-    mbar_wait(&sm.v_full[last], ((n_tiles - 1) / kStages) & 1);
+    const int last = stage_of(n_tiles - 1);
+    mbar_wait(&sm.v_full[last], phase_of(n_tiles - 1));
     named_sync(self, 256);
     wgmma_fence();
     wgmma_pv<T, D, kBc>(o, pa, sm.v_stage(last));
@@ -196,10 +224,17 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     if (wg == 0) named_arrive(other, 256);
     wgmma_wait<0>();
     fence_accumulators(o);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.empty[last]);
+    at.kv_tiles += n_tiles;
+    ++at.q_tiles;
   }
   store_rows<HalfOps<T>, T, D>(p, blk, o, row_max, row_sum, w0, lane);
 }
 
+// Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
+// blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
+// L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
@@ -210,27 +245,37 @@ __global__ void __launch_bounds__(384, 1)
   // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const WsFwdSmem<T, D> sm(base);
-  const FwdBlock<T> blk(p, q_tiles, Cfg::kBr, Cfg::kBc);
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int64_t work_items = q_tiles * p.batch * p.heads;
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(&maps.q);
     tma_prefetch_descriptor(&maps.k);
     tma_prefetch_descriptor(&maps.v);
     mbar_init(sm.q_full, 1);
+    mbar_init(sm.q_empty, 8);  // one arrival per consumer warp
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbar_init(&sm.k_full[s], 1);
       mbar_init(&sm.v_full[s], 1);
-      mbar_init(&sm.empty[s], 8);  // one arrival per consumer warp
+      mbar_init(&sm.empty[s], 8);
     }
     fence_barrier_init();
   }
   __syncthreads();
+  WsProgress at;
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
-    if (tid < 32 && blk.n_tiles > 0) ws_produce<T, D>(p, maps, blk, sm, tid);
+    if (tid < 32) {
+      for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
+        const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
+        if (blk.n_tiles > 0) ws_produce<T, D>(p, maps, blk, sm, at, tid);
+      }
+    }
   } else {
     regs_increase<Cfg::kConsumerRegs>();
-    ws_consume<T, D>(p, blk, sm, warpgroup - 1, tid);
+    for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
+      const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
+      ws_consume<T, D>(p, blk, sm, at, warpgroup - 1, tid);
+    }
   }
 #else
   __trap();  // launched only where the sm_90a code is present (see use_wgmma)
@@ -262,8 +307,13 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(Cfg::kSmem));
   if (*err != cudaSuccess) return true;
+  int device = 0, sms = 0;
+  if ((*err = cudaGetDevice(&device)) != cudaSuccess ||
+      (*err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
+    return true;
+  }
   const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
-  const int64_t blocks = q_tiles * p.batch * p.heads;
+  const int64_t blocks = std::min<int64_t>(q_tiles * p.batch * p.heads, sms);
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, q_tiles);
   *err = cudaGetLastError();
   return true;
