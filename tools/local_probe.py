@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bf16, ...)")
+    parser.add_argument("--head-dim", type=int, default=None, help="only the cases of this D")
     parser.add_argument("--fp16", action="store_true",
                         help="also run each bf16 case in float16 (the same kernels' other dtype)")
     parser.add_argument("--variants", action="store_true",
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     cases = [c for c in CASES
              if (not args.quick or c.dtype != "bf16" or (c.seq_len <= 16384 and c.head_dim == 64))
-             and (args.dtype is None or c.dtype == args.dtype)]
+             and (args.dtype is None or c.dtype == args.dtype)
+             and (args.head_dim is None or c.head_dim == args.head_dim)]
     if args.fp16:
         cases += [c.with_(dtype="fp16") for c in cases if c.dtype == "bf16"]
     rows = []
