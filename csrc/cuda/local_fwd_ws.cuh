@@ -36,7 +36,7 @@ namespace fastattn::cuda {
 template <typename T, int D>
 struct WsFwdConfig {
   static constexpr int kThreads = 384, kBr = 128, kBc = 128;
-  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kStages = D == 64 ? 4 : 3;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * (40 + 2 * 232) <= 64K
   static constexpr int kTileBytes = kBc * D * static_cast<int>(sizeof(T));
   static constexpr int kQBytes = kBr * D * static_cast<int>(sizeof(T));
