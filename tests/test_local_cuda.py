@@ -106,6 +106,19 @@ def test_key_padding_is_never_read(dtype, head_dim):
     check_against_reference(q, k, v, window, key_lengths=key_lengths, fn=fn)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+def test_more_query_tiles_than_the_gpu_has_blocks(head_dim):
+    """The Hopper forward is persistent (a block per SM walks several query tiles, its K/V ring
+    and barriers carried over): more work items than SMs, some of them with no key at all."""
+    _ops.load()
+    seq_len = 2200
+    heads = -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // (seq_len // 128))
+    q, k, v = make_qkv(2, heads, seq_len, head_dim, torch.bfloat16, device="cuda")
+    key_lengths = torch.tensor([seq_len, 0], device="cuda")
+    out = check_against_reference(q, k, v, (300, 200), key_lengths=key_lengths)
+    assert torch.all(out[1] == 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shape", [(70, (9, 30)), (600, (100, 0))], ids=_id)
 def test_head_dim_256_forward(dtype, shape):
