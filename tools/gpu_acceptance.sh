@@ -26,10 +26,14 @@ step() {  # step <name> <command...>: run, log to $OUT/<name>.log, remember the 
   return $rc
 }
 
+gpu_info() {  # the card and its clocks at the start, beside the logs
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv >"$OUT/gpu.txt" 2>&1
+}
+
 case "${1:-}" in
   tests)
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
-      --format=csv >"$OUT/gpu.txt" 2>&1
+    gpu_info
     # The two builds are independent: run them side by side, then record their outcomes.
     ("$PYTHON" -m fastattn.build >"$OUT/build.log" 2>&1; echo $? >/tmp/fastattn-build.rc) &
     (make --no-print-directory fast-transformers PYTHON="$PYTHON" >"$OUT/ft-build.log" 2>&1
@@ -42,8 +46,7 @@ case "${1:-}" in
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"
     ;;
   forward)
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
-      --format=csv >"$OUT/gpu.txt" 2>&1
+    gpu_info
     step build "$PYTHON" -m fastattn.build || { tail -n 30 "$OUT/build.log"; exit 1; }
     step smoke timeout 120 "$PYTHON" -c "import torch, fastattn
 from fastattn.reference import local_attention_reference

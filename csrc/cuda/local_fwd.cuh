@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(128)
     wgmma_fence();
     wgmma_qk<T, D, kBc>(s, sQ, kBr * 64, cK, kBc * 64);
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_accumulators(s);
 
     softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0,
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(128)
     wgmma_fence();
     wgmma_pv<T, D, kBc>(o, pa, cV);
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_accumulators(o);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }

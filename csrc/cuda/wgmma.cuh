@@ -34,7 +34,6 @@ template <int N = 0>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 // Keeps the compiler from moving reads of the accumulators above a wgmma_wait.
 template <int N>
 __device__ __forceinline__ void fence_accumulators(float (&d)[N][4]) {
