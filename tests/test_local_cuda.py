@@ -83,6 +83,67 @@ def test_one_warpgroup_wgmma_forward_where_warp_specialized_is_the_default(dtype
     check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_mma_sync_backward_where_the_hopper_backward_is_the_default(dtype, head_dim, monkeypatch):
+    """Hopper builds run these head dims' backward on wgmma; the mma.sync backward
+    (FASTATTN_DISABLE_WS_BWD=1) must stay right too."""
+    monkeypatch.setenv("FASTATTN_DISABLE_WS_BWD", "1")
+    q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 333, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
+
+
+def _gradients_vs_reference(q, k, v, window, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(fastattn.local_attention(*leaves, window), leaves, grad_out)
+    gold_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    gold = torch.autograd.grad(local_attention_reference(*gold_leaves, window), gold_leaves,
+                               grad_out.double())
+    same_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    same = torch.autograd.grad(local_attention_reference(*same_leaves, window), same_leaves,
+                               grad_out)
+    for name, actual, g64, g16 in zip("qkv", grads, gold, same, strict=True):
+        assert_close_to_reference(actual, g64, g16, factor=GRAD_FACTOR, floor=FLOORS[q.dtype],
+                                  name=f"grad_{name}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+def test_backward_of_a_grad_out_broadcast_over_the_batch(head_dim):
+    """A grad_out with batch stride 0 (autograd hands such expanded tensors) is read in place;
+    TMA cannot describe a zero stride, so the Hopper build takes the mma.sync backward."""
+    q, k, v = make_qkv(2, 2, 300, head_dim, torch.bfloat16, device="cuda")
+    grad_out = torch.randn(1, 2, 300, head_dim, device="cuda", dtype=torch.bfloat16)
+    grad_out = grad_out.expand(2, -1, -1, -1)
+    assert grad_out.stride(0) == 0
+    _gradients_vs_reference(q, k, v, (50, 20), grad_out)
+
+
+def test_float32_gradients_match_finite_differences():
+    """The float32 backward against central differences of the float64 forward along random
+    directions: a check that does not trust the reference's own autograd."""
+    window = (5, 3)
+    q, k, v = make_qkv(1, 2, 37, 16, torch.float32, device="cuda")
+    grad_out = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(fastattn.local_attention(*leaves, window), leaves, grad_out)
+    inputs = [t.double() for t in (q, k, v)]
+
+    def loss(*qkv):
+        return (local_attention_reference(*qkv, window) * grad_out.double()).sum().item()
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    step = 1e-6
+    for which in range(3):
+        for _ in range(3):
+            u = torch.randn(q.shape, generator=gen, device="cuda", dtype=torch.float64)
+            plus = [x + step * u if j == which else x for j, x in enumerate(inputs)]
+            minus = [x - step * u if j == which else x for j, x in enumerate(inputs)]
+            numeric = (loss(*plus) - loss(*minus)) / (2 * step)
+            analytic = (grads[which].double() * u).sum().item()
+            assert abs(numeric - analytic) <= 1e-4 * (1 + abs(numeric)), ("qkv"[which], numeric,
+                                                                          analytic)
+
+
 def _nan_past(t, key_lengths):
     """t with every key position at or past key_lengths[b] replaced by NaN (differentiably)."""
     positions = torch.arange(t.shape[2], device=t.device)

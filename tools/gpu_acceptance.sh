@@ -6,6 +6,9 @@
 #   tools/gpu_acceptance.sh forward build fastattn, a one-call smoke run of the forward (bounded
 #                                   time, so a hung kernel shows), the local attention CUDA tests,
 #                                   and the bf16 probe (every forward kernel vs Flex)
+#   tools/gpu_acceptance.sh backward build fastattn, a one-call smoke run of the backward (bounded
+#                                   time), the local attention CUDA tests, and the bf16 probe
+#                                   (forward+backward of both backward kernels vs Flex)
 #   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
 #                                   and truncated-file checks, history; table + chart of the run
 # Logs and results go to $OUT (default results/gpu); a short summary is printed last.
@@ -45,20 +48,28 @@ case "${1:-}" in
     tail -n 3 "$OUT/tests.log"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"
     ;;
-  forward)
+  forward|backward)
     gpu_info
     step build "$PYTHON" -m fastattn.build || { tail -n 30 "$OUT/build.log"; exit 1; }
     step smoke timeout 120 "$PYTHON" -c "import torch, fastattn
 from fastattn.reference import local_attention_reference
-q, k, v = (torch.randn(2, 4, 3000, 128, device='cuda', dtype=torch.bfloat16) for _ in range(3))
-out = fastattn.local_attention(q, k, v, (700, 300)); torch.cuda.synchronize()
-ref = local_attention_reference(q.double(), k.double(), v.double(), (700, 300))
-print('smoke rel err', ((out.double() - ref).norm() / ref.norm()).item())"
+for d in (64, 128):
+    q, k, v = (torch.randn(2, 4, 3000, d, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = fastattn.local_attention(q, k, v, (700, 300)); g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g); torch.cuda.synchronize()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = local_attention_reference(*leaves, (700, 300))
+    refs = torch.autograd.grad(ref, leaves, g.double())
+    errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip((out, *grads), (ref, *refs))]
+    print('smoke D', d, 'rel err out dq dk dv', ' '.join(f'{e:.2e}' for e in errs))"
     cat "$OUT/smoke.log"
     step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
       tests/test_local_cuda.py
     tail -n 12 "$OUT/tests.log"
-    step probe timeout 220 "$PYTHON" tools/local_probe.py --variants --dtype bf16 --no-check ${PROBE_ARGS:-} \
+    variants=--variants
+    [ "$1" = backward ] && variants=--bwd-variants
+    step probe timeout 220 "$PYTHON" tools/local_probe.py $variants --dtype bf16 --no-check ${PROBE_ARGS:-} \
       --samples 15 --json "$OUT/probe.json"
     tail -n 28 "$OUT/probe.log"
     ;;
@@ -72,7 +83,7 @@ print('smoke rel err', ((out.double() - ref).norm() / ref.norm()).item())"
     tail -n 12 "$OUT/gate.log"
     ;;
   *)
-    echo "usage: $0 tests|bench" >&2
+    echo "usage: $0 tests|forward|backward|bench" >&2
     exit 2
     ;;
 esac

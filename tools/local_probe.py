@@ -103,7 +103,7 @@ def quick_check() -> list[str]:
     return failures
 
 
-def probe_case(case, inner, samples, with_flex, variants):
+def probe_case(case, inner, samples, with_flex, variants, bwd_variants=False):
     b, h, n, d = case.shape
     window, dtype = case.window, case.torch_dtype
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -118,6 +118,9 @@ def probe_case(case, inner, samples, with_flex, variants):
         # kernel before it, fa-mma the mma.sync kernel.
         impls["fa-wg1"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WS")
         impls["fa-mma"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WGMMA")
+    if bwd_variants and dtype != torch.float32 and d in (64, 128):
+        # The Hopper (wgmma) backward is the default; fa-bmma is the mma.sync backward.
+        impls["fa-bmma"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WS_BWD")
     if with_flex:
         impls["flex"] = make_flex(case)
     rows = []
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
                         help="also run each bf16 case in float16 (the same kernels' other dtype)")
     parser.add_argument("--variants", action="store_true",
                         help="also time the older forward kernels where the newer one is the default")
+    parser.add_argument("--bwd-variants", action="store_true",
+                        help="also time the mma.sync backward where the Hopper one is the default")
     args = parser.parse_args(argv)
 
     if not args.no_check:
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
         # float16 rows are there to compare with bf16: fastattn's default kernel alone.
         full = case.dtype != "fp16"
         rows += probe_case(case, args.inner, args.samples, full and not args.no_flex,
-                           full and args.variants)
+                           full and args.variants, full and args.bwd_variants)
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,8 @@
 """Small forward and backward calls of the CUDA local attention kernels, for compute-sanitizer
 (tools/sanitize.sh). Covers each dtype, a tile-straddling length, key_lengths with 0 and L,
-the unmasked fast path, the element-wise (unaligned) copy paths, the wgmma forwards (16-bit,
-D = 64 and 128 on Hopper: warp-specialized and one-warpgroup) and the largest head dims."""
+the unmasked fast path, the element-wise (unaligned) copy paths, the wgmma kernels (16-bit,
+D = 64 and 128 on Hopper: the warp-specialized and one-warpgroup forwards, the Hopper backward
+and, switched off, the mma.sync backward) and the largest head dims."""
 
 import os
 
@@ -32,8 +33,9 @@ def main():
         run(dtype, 128, 150, (100, 100))
         run(dtype, 16, 33, (3, 0), misalign=True)
         run(dtype, 64, 40, (7, 7), misalign=True)
-    # The warp-specialized forward (16-bit, D = 64 / 128): a band deeper than its K/V ring and
-    # a padding boundary inside a tile (the producer warp's own copy of that V tile).
+    # The warp-specialized forward and the Hopper backward (16-bit, D = 64 / 128): bands deeper
+    # than their rings and a padding boundary inside a tile (the producer warp's own copy of
+    # that V tile; the backward's zero-filled K / V copy).
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim in (64, 128):
             run(dtype, head_dim, 1100, (300, 400), key_lengths=torch.tensor([1100, 700],
@@ -41,6 +43,9 @@ def main():
     os.environ["FASTATTN_DISABLE_WS"] = "1"  # the one-warpgroup wgmma forward
     run(torch.bfloat16, 128, 150, (100, 100), key_lengths=lengths)
     del os.environ["FASTATTN_DISABLE_WS"]
+    os.environ["FASTATTN_DISABLE_WS_BWD"] = "1"  # the mma.sync backward where wgmma's is default
+    run(torch.bfloat16, 128, 150, (100, 100), key_lengths=lengths)
+    del os.environ["FASTATTN_DISABLE_WS_BWD"]
     run(torch.bfloat16, 256, 70, (20, 20))
     print("sanitize cases ran")
 

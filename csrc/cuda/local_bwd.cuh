@@ -49,6 +49,55 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 #endif
 }
 
+// What a backward block needs to know about its kBc keys and the queries that see them.
+struct BwdBlock {
+  int64_t b, h, bh, k0, keys, qlo;
+  int n_tiles;  // query tiles of bq rows from qlo; none when the block lies past key_lengths
+
+  // work: the index of the (batch, head, key tile) triple, key tiles of a head adjacent.
+  __device__ __forceinline__ BwdBlock(const LocalAttentionParams& p, int64_t work, int64_t k_tiles,
+                                      int bc, int bq) {
+    const int64_t tile = work % k_tiles;
+    bh = work / k_tiles;
+    b = bh / p.heads;
+    h = bh % p.heads;
+    keys = valid_keys(p, b);
+    k0 = tile * bc;
+    const int64_t last_key = (k0 + bc < keys ? k0 + bc : keys) - 1;
+    qlo = k0 - p.window_right > 0 ? k0 - p.window_right : 0;
+    const int64_t qhi = last_key + p.window_left < p.seq_len - 1 ? last_key + p.window_left
+                                                                 : p.seq_len - 1;
+    n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + bq) / bq) : 0;
+  }
+};
+
+// dK (times the scale) and dV of the lane's two key rows (kw0 + g, kw0 + g + 8); rows past L
+// are not stored.
+template <class Ops, typename T, int D>
+__device__ __forceinline__ void store_key_rows(const LocalAttentionBwdParams& p,
+                                               const BwdBlock& blk, const float (&dk)[D / 8][4],
+                                               const float (&dv)[D / 8][4], int64_t kw0,
+                                               int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float scale = static_cast<float>(p.scale);
+  T* dkg = static_cast<T*>(p.grad_k) + blk.b * p.grad_k_strides.batch +
+           blk.h * p.grad_k_strides.head;
+  T* dvg = static_cast<T*>(p.grad_v) + blk.b * p.grad_v_strides.batch +
+           blk.h * p.grad_v_strides.head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t kj = kw0 + g + 8 * r;
+    if (kj >= p.seq_len) continue;
+    T* krow = dkg + kj * p.grad_k_strides.seq + 2 * t;
+    T* vrow = dvg + kj * p.grad_v_strides.seq + 2 * t;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      Ops::store2(krow + i * 8, dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
+      Ops::store2(vrow + i * 8, dv[i][2 * r], dv[i][2 * r + 1]);
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     local_bwd_kernel(const LocalAttentionBwdParams p, float* __restrict__ dq_accum,
@@ -68,11 +117,10 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t tile = blockIdx.x % k_tiles, bh = blockIdx.x / k_tiles;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const BwdBlock blk(p, blockIdx.x, k_tiles, kBc, kBq);
+  const int64_t b = blk.b, h = blk.h, bh = blk.bh, keys = blk.keys, k0 = blk.k0, qlo = blk.qlo;
+  const int n_tiles = blk.n_tiles;
   const int64_t L = p.seq_len, left = p.window_left, right = p.window_right;
-  const int64_t keys = valid_keys(p, b);
-  const int64_t k0 = tile * kBc;
   const T* qg = head_ptr<T>(p.q, p.q_strides, b, h);
   const T* kg = head_ptr<T>(p.k, p.k_strides, b, h);
   const T* vg = head_ptr<T>(p.v, p.v_strides, b, h);
@@ -80,12 +128,6 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   const float* lse_g = p.lse + bh * L;
   const float* delta_g = p.delta + bh * L;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-
-  // Queries that see a key of this block (none when the block lies past key_lengths).
-  const int64_t last_key = (k0 + kBc < keys ? k0 + kBc : keys) - 1;
-  const int64_t qlo = k0 - right > 0 ? k0 - right : 0;
-  const int64_t qhi = last_key + left < L - 1 ? last_key + left : L - 1;
-  const int n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + kBq) / kBq) : 0;
 
   auto load_q_tile = [&](int n) {
     const int64_t i0 = qlo + static_cast<int64_t>(n) * kBq;
@@ -190,21 +232,7 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   }
   if (n_tiles == 0) cp_async_wait<0>();
 
-  const float scale = static_cast<float>(p.scale);
-  T* dkg = static_cast<T*>(p.grad_k) + b * p.grad_k_strides.batch + h * p.grad_k_strides.head;
-  T* dvg = static_cast<T*>(p.grad_v) + b * p.grad_v_strides.batch + h * p.grad_v_strides.head;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t kj = kw0 + g + 8 * r;
-    if (kj >= L) continue;
-    T* krow = dkg + kj * p.grad_k_strides.seq + 2 * t;
-    T* vrow = dvg + kj * p.grad_v_strides.seq + 2 * t;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      Ops::store2(krow + i * 8, dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
-      Ops::store2(vrow + i * 8, dv[i][2 * r], dv[i][2 * r + 1]);
-    }
-  }
+  store_key_rows<Ops, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
 // delta = rowsum(dO * O) - grad_lse, one warp a row.
@@ -233,43 +261,6 @@ __global__ void local_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __res
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     grad_q[idx] = static_cast<T>(dq_accum[idx] * scale);
   }
-}
-
-template <typename T, int D>
-cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
-                         cudaStream_t stream) {
-  using Cfg = BwdConfig<T, D>;
-  auto kernel = local_bwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Cfg::kSmem));
-  if (err != cudaSuccess) return err;
-  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
-  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
-      p, dq_accum, k_tiles, rows_aligned);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
-                       cudaStream_t stream) {
-  const int64_t rows = p.batch * p.heads * p.seq_len;
-  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  switch (p.head_dim) {
-    case 16: err = launch_bwd_d<T, 16>(p, rows_aligned, dq_accum, stream); break;
-    case 32: err = launch_bwd_d<T, 32>(p, rows_aligned, dq_accum, stream); break;
-    case 64: err = launch_bwd_d<T, 64>(p, rows_aligned, dq_accum, stream); break;
-    case 96: err = launch_bwd_d<T, 96>(p, rows_aligned, dq_accum, stream); break;
-    case 128: err = launch_bwd_d<T, 128>(p, rows_aligned, dq_accum, stream); break;
-    default: return cudaErrorInvalidValue;
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t n = rows * p.head_dim;
-  const int64_t blocks = (n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536;
-  local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
-  return cudaGetLastError();
 }
 
 }  // namespace fastattn::cuda

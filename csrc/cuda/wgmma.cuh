@@ -1,9 +1,9 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) wrappers for the forward kernels, and the shared-memory
-// matrix descriptors they read. Inline PTX takes no arrays, so the accumulator operand lists
-// are spelled out once by macros: d[i][0..3] is the accumulator of columns [8i, 8i+8) in
-// mma.m16n8 C-fragment order (rows g and g + 8 of the warp's 16), which is also the A-fragment
-// order of a register A. Only compiled for sm_90a (FASTATTN_SM90A); callers guard with
-// __CUDA_ARCH_FEAT_SM90_ALL.
+// Hopper warpgroup MMA (wgmma, sm_90a) wrappers for the forward and backward kernels, and the
+// shared-memory matrix descriptors they read. Inline PTX takes no arrays, so the accumulator
+// operand lists are spelled out once by macros: d[i][0..3] is the accumulator of columns
+// [8i, 8i+8) in mma.m16n8 C-fragment order (rows g and g + 8 of the warp's 16), which is also
+// the A-fragment order of a register A. Only compiled for sm_90a (FASTATTN_SM90A); callers
+// guard with __CUDA_ARCH_FEAT_SM90_ALL.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -62,12 +62,13 @@ __device__ __forceinline__ void fence_proxy_async() {
   "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45," \
   "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
 
-// d (64 x N) (+)= A (64 x 16) * B (16 x N); A and B K-major in shared memory. DA, DB, ACCUM:
-// the operand numbers of desc_a, desc_b and accumulate (after the 4N/8 accumulators).
-#define FA_WGMMA_SS(SHAPE, DT, REGS, ACC, DA, DB, ACCUM)                            \
+// d (64 x N) (+)= A (64 x 16) * B (16 x N), A and B in shared memory, both K-major (TRANS
+// "0, 0") or both MN-major ("1, 1"). DA, DB, ACCUM: the operand numbers of desc_a, desc_b and
+// accumulate (after the 4N/8 accumulators).
+#define FA_WGMMA_SS(SHAPE, DT, REGS, ACC, DA, DB, ACCUM, TRANS)                     \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ACCUM ", 0;\n"                    \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." DT "." DT " " REGS      \
-               ", " DA ", " DB ", p, 1, 1, 0, 0;\n}\n"                                \
+               ", " DA ", " DB ", p, 1, 1, " TRANS ";\n}\n"                           \
                : ACC                                                                   \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 // d (64 x N) += A (64 x 16, registers, m16n8k16 A-fragment order) * B (16 x N); B MN-major in
@@ -80,18 +81,27 @@ __device__ __forceinline__ void fence_proxy_async() {
                : ACC                                                                   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
-template <typename T, int N>
+// kMnMajor: A and B are MN-major (A stored as its transpose, K rows of M elements; B as K rows
+// of N elements), as the backward's dQ = dS K reads dS^T and K.
+template <typename T, int N, bool kMnMajor = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
                                          int accumulate) {
   static_assert(N == 64 || N == 128);
-  if constexpr (N == 64 && std::is_same_v<T, __half>) {
-    FA_WGMMA_SS("m64n64k16", "f16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34");
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (N == 64 && kHalf && kMnMajor) {
+    FA_WGMMA_SS("m64n64k16", "f16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34", "1, 1");
+  } else if constexpr (N == 64 && kMnMajor) {
+    FA_WGMMA_SS("m64n64k16", "bf16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34", "1, 1");
+  } else if constexpr (N == 64 && kHalf) {
+    FA_WGMMA_SS("m64n64k16", "f16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34", "0, 0");
   } else if constexpr (N == 64) {
-    FA_WGMMA_SS("m64n64k16", "bf16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34");
-  } else if constexpr (std::is_same_v<T, __half>) {
-    FA_WGMMA_SS("m64n128k16", "f16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66");
+    FA_WGMMA_SS("m64n64k16", "bf16", FA_REGS_N64, FA_ACC_N64, "%32", "%33", "%34", "0, 0");
+  } else if constexpr (kMnMajor) {
+    static_assert(N == 64, "the MN-major form is only instantiated at N = 64");
+  } else if constexpr (kHalf) {
+    FA_WGMMA_SS("m64n128k16", "f16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66", "0, 0");
   } else {
-    FA_WGMMA_SS("m64n128k16", "bf16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66");
+    FA_WGMMA_SS("m64n128k16", "bf16", FA_REGS_N128, FA_ACC_N128, "%64", "%65", "%66", "0, 0");
   }
 }
 
@@ -140,6 +150,20 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
     wgmma_rs<T, D>(o, pa[kk], sw128_desc(v + kk * 16 * 64, kBc * 128, 1024));
+  }
+}
+
+// D (64 x 64) = A (64 x kK) B (kK x 64), both MN-major and swizzled, each stored as kK rows of
+// 64 elements (one 128-byte column block; its rows rows * 128 bytes from the next block):
+// the backward's dQ tile = dS K, read from dS^T and K as they lie in shared memory.
+template <typename T, int kK>
+__device__ __forceinline__ void wgmma_mn_major(float (&d)[8][4], const T* a, int a_rows,
+                                               const T* b, int b_rows) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const uint64_t da = sw128_desc(a + kk * 16 * 64, a_rows * 128, 1024);
+    const uint64_t db = sw128_desc(b + kk * 16 * 64, b_rows * 128, 1024);
+    wgmma_ss<T, 64, true>(d, da, db, kk > 0);
   }
 }
 

@@ -1,0 +1,54 @@
+// Which backward kernel runs a call: the Hopper wgmma kernel (local_bwd_ws.cuh) for 16-bit
+// D in {64, 128} when TMA can describe q and grad_out, else the mma.sync kernel
+// (local_bwd.cuh); around either, the delta pre-pass and the dQ conversion.
+#pragma once
+#include "cuda/local_bwd.cuh"
+#include "cuda/local_bwd_ws.cuh"
+
+namespace fastattn::cuda {
+
+template <typename T, int D>
+cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
+                         cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
+    cudaError_t err = cudaSuccess;
+    if (rows_aligned && use_wgmma() && use_ws_backward() &&
+        launch_bwd_ws<T, D>(p, dq_accum, stream, &err)) {
+      return err;
+    }
+  }
+  using Cfg = BwdConfig<T, D>;
+  auto kernel = local_bwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
+      p, dq_accum, k_tiles, rows_aligned);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
+                       cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads * p.seq_len;
+  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  switch (p.head_dim) {
+    case 16: err = launch_bwd_d<T, 16>(p, rows_aligned, dq_accum, stream); break;
+    case 32: err = launch_bwd_d<T, 32>(p, rows_aligned, dq_accum, stream); break;
+    case 64: err = launch_bwd_d<T, 64>(p, rows_aligned, dq_accum, stream); break;
+    case 96: err = launch_bwd_d<T, 96>(p, rows_aligned, dq_accum, stream); break;
+    case 128: err = launch_bwd_d<T, 128>(p, rows_aligned, dq_accum, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  const int64_t n = rows * p.head_dim;
+  const int64_t blocks = (n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536;
+  local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
+  return cudaGetLastError();
+}
+
+}  // namespace fastattn::cuda

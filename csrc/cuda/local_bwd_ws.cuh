@@ -1,0 +1,343 @@
+// Backward of sliding-window attention on Hopper (sm_90a), 16-bit types, D in {64, 128}:
+// wgmma products, a TMA producer warp and two consumer warpgroups (FlashAttention-3's
+// backward, for a band).
+//
+// A block owns kBc = 128 keys of one (batch, head); consumer warpgroup w (w = 0, 1) owns keys
+// k0 + 64 w .. k0 + 64 w + 63 and keeps their dK and dV (64 x D each) in registers for the whole
+// band. K and V are copied once with cp.async, zeros past key_lengths, so padding (NaN
+// included) never reaches dQ = dS K. Warp 0 of the producer warpgroup streams the query tiles
+// that see any of the block's keys, kBq queries at a time, through a ring of kStages stages:
+// Q and dO by TMA (zeros past L), lse (base 2) and delta by plain loads, all completing on the
+// stage's "full" mbarrier. Per tile, in each consumer:
+//   S^T = K Q^T and dP^T = V dO^T      shared-memory wgmma, issued together
+//   P^T = exp2(S^T scale log2e - lse)  masked to the band;  dV += P^T dO   (P^T in registers)
+//   dS^T = P^T (dP^T - delta);         dK += dS^T Q                        (dS^T in registers)
+// dS^T also goes to shared memory (two buffers, alternating), and after one barrier between
+// the consumers each computes half of dQ_tile = dS K (kBq x D: by query rows at D = 64 where
+// kBq = 128, by columns of D at D = 128 where kBq = 64), added with float32 atomics into the
+// (B, H, L, D) scratch as the mma.sync backward does (local_bwd.cuh says why: dQ is not
+// bitwise reproducible; dK and dV are).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "cuda/hopper_sync.cuh"
+#include "cuda/local_bwd.cuh"
+#include "cuda/local_fwd.cuh"
+#include "cuda/tensor_map.h"
+#include "cuda/wgmma.cuh"
+
+namespace fastattn::cuda {
+
+template <typename T, int D>
+struct WsBwdConfig {
+  static constexpr int kThreads = 384, kBc = 128;
+  static constexpr int kBq = D == 64 ? 128 : 64;
+  static constexpr int kStages = 2;
+  // At D = 128, dV += P^T dO is issued as soon as P^T is packed and runs while dS^T is
+  // formed. At D = 64 the S^T and dP^T accumulators are 64 x 128: keeping P^T packed beside
+  // them spills, so dS^T is formed first and both register products are issued together.
+  static constexpr bool kDvOverlap = D == 128;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128 * (24 + 2 * 240) <= 64K
+  static constexpr int kKvBytes = kBc * D * static_cast<int>(sizeof(T));
+  static constexpr int kQBytes = kBq * D * static_cast<int>(sizeof(T));
+  static constexpr int kDsBytes = kBc * kBq * static_cast<int>(sizeof(T));
+  // K, V, the Q and dO stages, two dS^T buffers, then lse and delta per stage, the mbarriers;
+  // + 1024 bytes of alignment slack. Every tile is a multiple of 1024 bytes (swizzle atoms).
+  static constexpr size_t kStatsOffset = 2 * kKvBytes + 2 * kStages * kQBytes + 2 * kDsBytes;
+  static constexpr size_t kBarrierOffset = kStatsOffset + 2 * kStages * kBq * sizeof(float);
+  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * 2 * kStages;
+  static_assert(kBq * D == 2 * 64 * 64, "dQ_tile must split into one 64 x 64 half per consumer");
+};
+
+struct BwdTensorMaps {
+  CUtensorMap q, dout;
+};
+
+// The block's shared memory. K, V (kBc rows), Q, dO (kBq rows) and dS^T (kBc rows of kBq
+// queries) are D / 64 (kBq / 64) column blocks of rows x 128 bytes in the 128-byte swizzle.
+template <typename T, int D>
+struct WsBwdSmem {
+  using Cfg = WsBwdConfig<T, D>;
+  T *k, *v, *q, *dout, *ds;
+  float *lse, *delta;
+  uint64_t *full, *empty;
+
+  __device__ __forceinline__ explicit WsBwdSmem(unsigned char* base)
+      : k(reinterpret_cast<T*>(base)),
+        v(reinterpret_cast<T*>(base + Cfg::kKvBytes)),
+        q(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes)),
+        dout(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes + Cfg::kStages * Cfg::kQBytes)),
+        ds(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes + 2 * Cfg::kStages * Cfg::kQBytes)),
+        lse(reinterpret_cast<float*>(base + Cfg::kStatsOffset)),
+        delta(lse + Cfg::kStages * Cfg::kBq),
+        full(reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset)),
+        empty(full + Cfg::kStages) {}
+  __device__ __forceinline__ T* q_stage(int s) const { return q + s * Cfg::kBq * D; }
+  __device__ __forceinline__ T* do_stage(int s) const { return dout + s * Cfg::kBq * D; }
+  __device__ __forceinline__ float* lse_stage(int s) const { return lse + s * Cfg::kBq; }
+  __device__ __forceinline__ float* delta_stage(int s) const { return delta + s * Cfg::kBq; }
+  __device__ __forceinline__ T* ds_buffer(int n) const { return ds + (n & 1) * Cfg::kBc * Cfg::kBq; }
+};
+
+// The producer warp: every query tile of the band through the ring. lse and delta are written
+// by the 32 lanes (each arrives on the stage's barrier, lane 0 with the TMA byte count).
+template <typename T, int D>
+__device__ __forceinline__ void ws_bwd_produce(const LocalAttentionBwdParams& p,
+                                               const BwdTensorMaps& maps, const BwdBlock& blk,
+                                               const WsBwdSmem<T, D>& sm, int lane) {
+  using Cfg = WsBwdConfig<T, D>;
+  constexpr int kBq = Cfg::kBq, kStages = Cfg::kStages;
+  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  const int64_t L = p.seq_len;
+  const float* lse_g = p.lse + blk.bh * L;
+  const float* delta_g = p.delta + blk.bh * L;
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    const int stage = n % kStages;
+    if (n >= kStages) mbar_wait(&sm.empty[stage], ((n / kStages) - 1) & 1);
+    const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
+    float* lse = sm.lse_stage(stage);
+    float* delta = sm.delta_stage(stage);
+    for (int r = lane; r < kBq; r += 32) {
+      const int64_t i = i0 + r;
+      // lse = -inf (a query that sees nothing) and rows past L become +inf: P = exp2(s - inf) = 0.
+      const float value = i < L ? lse_g[i] : -INFINITY;
+      lse[r] = value == -INFINITY ? INFINITY : value * kLog2e;
+      delta[r] = i < L ? delta_g[i] : 0.f;
+    }
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&sm.full[stage], 2 * Cfg::kQBytes);
+#pragma unroll
+      for (int cb = 0; cb < D / 64; ++cb) {
+        tma_load_4d(sm.q_stage(stage) + cb * kBq * 64, &maps.q, &sm.full[stage], cb * 64,
+                    static_cast<int>(i0), h, b);
+        tma_load_4d(sm.do_stage(stage) + cb * kBq * 64, &maps.dout, &sm.full[stage], cb * 64,
+                    static_cast<int>(i0), h, b);
+      }
+    } else {
+      mbar_arrive(&sm.full[stage]);
+    }
+  }
+}
+
+// P^T of the warp's 16 keys (kw0 ..) x kBq queries (i0 ..) in place of S^T; element (key
+// kw0 + g + 8 (e >> 1), query i0 + 8 i + 2 t + (e & 1)). lse: the tile's, base 2.
+template <int kBq>
+__device__ __forceinline__ void bwd_probabilities(float (&s)[kBq / 8][4], const float* lse,
+                                                  const LocalAttentionParams& p, int64_t keys,
+                                                  int64_t kw0, int64_t i0, float scale_log2,
+                                                  int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t left = p.window_left, right = p.window_right;
+  const bool interior = kw0 - (i0 + kBq - 1) >= -left && kw0 + 15 - i0 <= right && kw0 + 15 < keys;
+  // In 32 bits, relative to the lane's first (key, query), as in the forward's online_softmax.
+  const int rel = static_cast<int>(kw0 - i0) + g - 2 * t;
+  const int64_t keys_left = keys - kw0;
+  const int rows = static_cast<int>(keys_left < 16 ? keys_left : 16) - g;
+  const int lo = -static_cast<int>(left), hi = static_cast<int>(right);
+#pragma unroll
+  for (int i = 0; i < kBq / 8; ++i) {
+    const float2 l = *reinterpret_cast<const float2*>(lse + i * 8 + 2 * t);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float prob = exp2f(fmaf(s[i][e], scale_log2, -((e & 1) ? l.y : l.x)));
+      const int d = rel + (e >> 1) * 8 - i * 8 - (e & 1);
+      s[i][e] = interior || (d >= lo && d <= hi && (e >> 1) * 8 < rows) ? prob : 0.f;
+    }
+  }
+}
+
+// dS^T (registers, A-fragment order: dsa[kk][2 j + r] holds row g + 8 r, columns 16 kk + 8 j
+// + 2 t, + 1) into the swizzled (kBc rows x kBq queries) buffer, rows row0 .. row0 + 15.
+template <typename T, int kBc, int kBq>
+__device__ __forceinline__ void store_ds_transposed(T* ds, const uint32_t (&dsa)[kBq / 16][4],
+                                                    int row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kBq / 16; ++kk)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int column_group = 2 * kk + j;  // 8 queries
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        T* dst = ds + (column_group / 8) * kBc * 64 + row * 64 + (((column_group % 8) ^ (row & 7)) << 3) +
+                 2 * t;
+        *reinterpret_cast<uint32_t*>(dst) = dsa[kk][2 * j + r];
+      }
+    }
+}
+
+// One consumer warpgroup (wg 0 or 1) over the whole band, then the dK / dV store.
+template <typename T, int D>
+__device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
+                                               const BwdBlock& blk, const WsBwdSmem<T, D>& sm,
+                                               float* __restrict__ dq_accum, int wg, int tid) {
+  using Cfg = WsBwdConfig<T, D>;
+  constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kStages = Cfg::kStages;
+  constexpr int kConsumers = 256, kConsumerBarrier = 1;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t L = p.seq_len;
+  const int64_t kw0 = blk.k0 + 64 * wg + 16 * warp;  // this warp's first key
+  float dk[D / 8][4], dv[D / 8][4];
+  zero(dk);
+  zero(dv);
+  if (blk.n_tiles > 0) {
+    const T* kg = head_ptr<T>(p.k, p.k_strides, blk.b, blk.h);
+    const T* vg = head_ptr<T>(p.v, p.v_strides, blk.b, blk.h);
+    load_rows<T, D, kBc, kConsumers, true>(sm.k, 0, kg, p.k_strides.seq, blk.k0, blk.keys, true,
+                                           wg * 128 + tid);
+    load_rows<T, D, kBc, kConsumers, true>(sm.v, 0, vg, p.v_strides.seq, blk.k0, blk.keys, true,
+                                           wg * 128 + tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();  // the copies are read by wgmma (the async proxy)
+    named_sync(kConsumerBarrier, kConsumers);
+  }
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const T* k_rows = sm.k + wg * 64 * 64;  // this warpgroup's 64 keys of each column block
+  const T* v_rows = sm.v + wg * 64 * 64;
+  // This consumer's half of dQ_tile: query rows [64 m_block, + 64), columns [64 d_block, + 64).
+  const int m_block = kBq == 128 ? wg : 0, d_block = kBq == 128 ? 0 : wg;
+  float* dq_head = dq_accum + blk.bh * L * D + d_block * 64 + 2 * t;
+
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    const int stage = n % kStages;
+    const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
+    mbar_wait(&sm.full[stage], (n / kStages) & 1);
+    const T* q = sm.q_stage(stage);
+    const T* dout = sm.do_stage(stage);
+
+    float s[kBq / 8][4], dp[kBq / 8][4];
+    wgmma_fence();
+    wgmma_qk<T, D, kBq>(s, k_rows, kBc * 64, q, kBq * 64);
+    wgmma_commit();
+    wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
+    wgmma_commit();
+    // S^T is ready; dP^T may still run (at D = 128: see kDvOverlap).
+    wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
+    fence_accumulators(s);
+    bwd_probabilities<kBq>(s, sm.lse_stage(stage), p, blk.keys, kw0, i0, scale_log2, lane);
+    uint32_t pa[kBq / 16][4];
+    if constexpr (Cfg::kDvOverlap) {
+      pack_probabilities<T, kBq>(pa, s);
+      wgmma_fence();
+      wgmma_pv<T, D, kBq>(dv, pa, dout);
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T is ready; dV may still run
+    }
+    fence_accumulators(dp);
+
+    const float* delta = sm.delta_stage(stage);
+#pragma unroll
+    for (int i = 0; i < kBq / 8; ++i) {
+      const float2 dl = *reinterpret_cast<const float2*>(delta + i * 8 + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[i][e] = s[i][e] * (dp[i][e] - ((e & 1) ? dl.y : dl.x));
+    }
+    if constexpr (!Cfg::kDvOverlap) pack_probabilities<T, kBq>(pa, s);
+    uint32_t dsa[kBq / 16][4];
+    pack_probabilities<T, kBq>(dsa, dp);
+    store_ds_transposed<T, kBc, kBq>(sm.ds_buffer(n), dsa, 64 * wg + 16 * warp, lane);
+    wgmma_fence();
+    if constexpr (!Cfg::kDvOverlap) wgmma_pv<T, D, kBq>(dv, pa, dout);
+    wgmma_pv<T, D, kBq>(dk, dsa, q);  // the scale is applied once, at the store
+    wgmma_commit();
+    // Both halves of dS^T in place (and, through the buffers' alternation, the dQ products of
+    // two tiles ago done with the buffer this tile wrote).
+    fence_proxy_async();
+    named_sync(kConsumerBarrier, kConsumers);
+    float dq[8][4];
+    wgmma_fence();
+    wgmma_mn_major<T, kBc>(dq, sm.ds_buffer(n) + m_block * kBc * 64, kBc, sm.k + d_block * kBc * 64,
+                           kBc);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(dq);
+    fence_accumulators(dk);
+    fence_accumulators(dv);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.empty[stage]);  // this warp is done with the stage
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t qi = i0 + m_block * 64 + 16 * warp + g + 8 * r;
+      if (qi >= L) continue;
+      float* dst = dq_head + qi * D;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, dq[j][2 * r], dq[j][2 * r + 1]);
+    }
+  }
+  store_key_rows<HalfOps<T>, T, D>(p, blk, dk, dv, kw0, lane);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+    local_bwd_ws_kernel(const __grid_constant__ LocalAttentionBwdParams p,
+                        const __grid_constant__ BwdTensorMaps maps, float* __restrict__ dq_accum,
+                        const int64_t k_tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = WsBwdConfig<T, D>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const WsBwdSmem<T, D> sm(base);
+  const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const BwdBlock blk(p, blockIdx.x, k_tiles, Cfg::kBc, Cfg::kBq);
+  if (threadIdx.x == 0) {
+    tma_prefetch_descriptor(&maps.q);
+    tma_prefetch_descriptor(&maps.dout);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbar_init(&sm.full[s], 32);  // the producer warp's lanes
+      mbar_init(&sm.empty[s], 8);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (warpgroup == 0) {
+    regs_decrease<Cfg::kProducerRegs>();
+    if (tid < 32) ws_bwd_produce<T, D>(p, maps, blk, sm, tid);
+  } else {
+    regs_increase<Cfg::kConsumerRegs>();
+    ws_bwd_consume<T, D>(p, blk, sm, dq_accum, warpgroup - 1, tid);
+  }
+#else
+  __trap();  // launched only where the sm_90a code is present (see use_wgmma)
+#endif
+}
+
+// The Hopper backward is the default where it applies; FASTATTN_DISABLE_WS_BWD=1 takes the
+// mma.sync backward instead (for comparison).
+inline bool use_ws_backward() {
+  const char* off = std::getenv("FASTATTN_DISABLE_WS_BWD");
+  return off == nullptr || off[0] == '\0' || off[0] == '0';
+}
+
+// Launches the Hopper backward if TMA can describe q and grad_out; false otherwise.
+template <typename T, int D>
+bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
+                   cudaError_t* err) {
+  using Cfg = WsBwdConfig<T, D>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  BwdTensorMaps maps;
+  if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
+                       Cfg::kBq) ||
+      !encode_head_map(&maps.dout, p.grad_out, kBf16, p.batch, p.heads, p.seq_len, D,
+                       p.grad_out_strides, Cfg::kBq)) {
+    return false;
+  }
+  auto kernel = local_bwd_ws_kernel<T, D>;
+  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(Cfg::kSmem));
+  if (*err != cudaSuccess) return true;
+  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
+      p, maps, dq_accum, k_tiles);
+  *err = cudaGetLastError();
+  return true;
+}
+
+}  // namespace fastattn::cuda
