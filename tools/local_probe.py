@@ -11,6 +11,7 @@ timing, and the probe checks (with the profiler) that Flex really ran its Triton
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -44,16 +45,18 @@ def graph_time_ms(fn, inner: int, samples: int) -> list[float]:
     return times
 
 
-def with_switch(fn, variable):
-    """fn with a kernel switch set (read by the launcher, also at graph capture)."""
-    def run(q, k, v):
-        os.environ[variable] = "1"
-        try:
-            return fn(q, k, v)
-        finally:
-            del os.environ[variable]
-
-    return run
+@contextlib.contextmanager
+def switched(variable):
+    """A kernel switch set for the duration (launchers read it, also at graph capture); the
+    backward of a fwd+bwd step runs inside it too."""
+    if variable is None:
+        yield
+        return
+    os.environ[variable] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[variable]
 
 
 def make_flex(case):
@@ -112,33 +115,40 @@ def probe_case(case, inner, samples, with_flex, variants, bwd_variants=False):
     grad = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=gen)
     fwd_flops, fwd_bwd_flops = case_flops(case, "fwd"), case_flops(case, "fwd+bwd")
     fwd_bytes = case_bytes(case, "fwd")
-    impls = {"fastattn": lambda q, k, v: fastattn.local_attention(q, k, v, window)}
+    def local(q, k, v):
+        return fastattn.local_attention(q, k, v, window)
+
+    impls = {"fastattn": local}
+    switches = {}
     if variants and dtype != torch.float32 and d in (64, 128):
         # The warp-specialized forward is the default; fa-wg1 is the one-warpgroup wgmma
         # kernel before it, fa-mma the mma.sync kernel.
-        impls["fa-wg1"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WS")
-        impls["fa-mma"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WGMMA")
+        impls["fa-wg1"] = impls["fa-mma"] = local
+        switches["fa-wg1"], switches["fa-mma"] = "FASTATTN_DISABLE_WS", "FASTATTN_DISABLE_WGMMA"
     if bwd_variants and dtype != torch.float32 and d in (64, 128):
         # The Hopper (wgmma) backward is the default; fa-bmma is the mma.sync backward.
-        impls["fa-bmma"] = with_switch(impls["fastattn"], "FASTATTN_DISABLE_WS_BWD")
+        impls["fa-bmma"] = local
+        switches["fa-bmma"] = "FASTATTN_DISABLE_WS_BWD"
     if with_flex:
         impls["flex"] = make_flex(case)
     rows = []
     outputs = {}
     for name, fn in impls.items():
-        with torch.no_grad():
+        switch = switches.get(name)
+        with torch.no_grad(), switched(switch):
             outputs[name] = fn(q, k, v)
         note = ""
         if name == "flex" and not ran_triton(lambda fn=fn: fn(q, k, v)):
             note = "NOT-TRITON"
 
-        def fwd(fn=fn):
-            with torch.no_grad():
+        def fwd(fn=fn, switch=switch):
+            with torch.no_grad(), switched(switch):
                 fn(q, k, v)
 
-        def fwd_bwd(fn=fn):
-            out = fn(q, k, v)
-            torch.autograd.grad(out, (q, k, v), grad)
+        def fwd_bwd(fn=fn, switch=switch):
+            with switched(switch):
+                out = fn(q, k, v)
+                torch.autograd.grad(out, (q, k, v), grad)
 
         t_f = statistics.median(graph_time_ms(fwd, inner, samples))
         t_fb = statistics.median(graph_time_ms(fwd_bwd, inner, samples))

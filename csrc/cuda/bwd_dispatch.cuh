@@ -32,7 +32,10 @@ template <typename T>
 cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
                        cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.seq_len;
-  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  const bool vector = rows_are_16_byte_chunks(p.grad_out, p.grad_out_strides, p.head_dim,
+                                              sizeof(T)) &&
+                      rows_are_16_byte_chunks(p.out, p.out_strides, p.head_dim, sizeof(T));
+  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 15) / 16), 256, 0, stream>>>(p, vector);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (p.head_dim) {

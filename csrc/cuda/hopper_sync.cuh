@@ -1,5 +1,6 @@
-// Hopper (sm_90) synchronisation and copy primitives of the warp-specialized forward: mbarriers
-// (arrive, expect-tx, parity wait), the bulk tensor copy engine (TMA) completing on an mbarrier,
+// Hopper (sm_90) synchronisation and copy primitives of the warp-specialized kernels: mbarriers
+// (arrive, expect-tx, parity wait), the bulk tensor copy engine (TMA) completing on an mbarrier
+// and its reduce-add from shared memory,
 // named barriers between warpgroups, and setmaxnreg. Callers guard with __CUDA_ARCH_FEAT_SM90_ALL
 // where an instruction needs sm_90a (setmaxnreg).
 #pragma once
@@ -53,6 +54,30 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       "r"(smem_addr(bar))
       : "memory");
 }
+// Adds a float32 box of shared memory into a 3-d tensor (coordinates innermost first; parts of
+// the box outside the tensor are skipped), element by element atomically, as one bulk group
+// member: bulk_commit closes the group, bulk_wait_read<N> waits until at most N groups still
+// read shared memory, bulk_wait<N> until at most N are still in flight.
+__device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* map, const void* src, int c0,
+                                                  int c1, int c2) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }

@@ -235,11 +235,14 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   store_key_rows<Ops, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
-// delta = rowsum(dO * O) - grad_lse, one warp a row.
+// delta = rowsum(dO * O) - grad_lse, 16 lanes a row (two rows a warp). Where every row of dO
+// and O starts on a 16-byte boundary (vector), each lane reads 16 bytes of both at a time.
 template <typename T>
-__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
+__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, const bool vector) {
+  constexpr int kLanes = 16, kPer = 16 / static_cast<int>(sizeof(T));
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const unsigned half = 0xffffu << (threadIdx.x & 16);  // the lanes of this row
   const int64_t rows = p.batch * p.heads * p.seq_len;
   if (row >= rows) return;
   const int64_t i = row % p.seq_len, bh = row / p.seq_len;
@@ -247,10 +250,31 @@ __global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p) {
   const T* dO = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h) + i * p.grad_out_strides.seq;
   const T* o = head_ptr<T>(p.out, p.out_strides, b, h) + i * p.out_strides.seq;
   float sum = 0.f;
-  for (int64_t d = lane; d < p.head_dim; d += 32) sum += static_cast<float>(dO[d]) * static_cast<float>(o[d]);
+  if (vector) {
+    for (int64_t d = lane * kPer; d < p.head_dim; d += kLanes * kPer) {
+      T x[kPer], y[kPer];
+      *reinterpret_cast<uint4*>(x) = *reinterpret_cast<const uint4*>(dO + d);
+      *reinterpret_cast<uint4*>(y) = *reinterpret_cast<const uint4*>(o + d);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      for (int e = 0; e < kPer; ++e) sum += static_cast<float>(x[e]) * static_cast<float>(y[e]);
+    }
+  } else {
+    for (int64_t d = lane; d < p.head_dim; d += kLanes) {
+      sum += static_cast<float>(dO[d]) * static_cast<float>(o[d]);
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(half, sum, off);
   if (lane == 0) p.delta[row] = sum - p.grad_lse[row];
+}
+
+// Whether every row of a (B, H, L, D) tensor starts on a 16-byte boundary and holds whole
+// 16-byte chunks.
+inline bool rows_are_16_byte_chunks(const void* base, const TensorStrides& s, int64_t head_dim,
+                                    int64_t elem) {
+  const int64_t per = 16 / elem;
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && head_dim % per == 0 &&
+         s.seq % per == 0 && s.head % per == 0 && s.batch % per == 0;
 }
 
 // grad_q = scale * dq_accum in the output dtype (grad_q is contiguous, like dq_accum).

@@ -1,22 +1,23 @@
 // Backward of sliding-window attention on Hopper (sm_90a), 16-bit types, D in {64, 128}:
-// wgmma products, a TMA producer warp and two consumer warpgroups (FlashAttention-3's
-// backward, for a band).
+// wgmma products, a TMA producer and two consumer warpgroups (FlashAttention-3's backward, for
+// a band).
 //
 // A block owns kBc = 128 keys of one (batch, head); consumer warpgroup w (w = 0, 1) owns keys
 // k0 + 64 w .. k0 + 64 w + 63 and keeps their dK and dV (64 x D each) in registers for the whole
 // band. K and V are copied once with cp.async, zeros past key_lengths, so padding (NaN
-// included) never reaches dQ = dS K. Warp 0 of the producer warpgroup streams the query tiles
-// that see any of the block's keys, kBq queries at a time, through a ring of kStages stages:
-// Q and dO by TMA (zeros past L), lse (base 2) and delta by plain loads, all completing on the
-// stage's "full" mbarrier. Per tile, in each consumer:
+// included) never reaches dQ = dS K. One producer thread streams the query tiles that see any
+// of the block's keys, kBq queries at a time, Q and dO by TMA (zeros past L) through a ring of
+// kStages stages on mbarriers; the consumers copy each tile's lse (base 2) and delta into one of
+// two small buffers a tile ahead. Per tile, in each consumer:
 //   S^T = K Q^T and dP^T = V dO^T      shared-memory wgmma, issued together
 //   P^T = exp2(S^T scale log2e - lse)  masked to the band;  dV += P^T dO   (P^T in registers)
 //   dS^T = P^T (dP^T - delta);         dK += dS^T Q                        (dS^T in registers)
 // dS^T also goes to shared memory (two buffers, alternating), and after one barrier between
 // the consumers each computes half of dQ_tile = dS K (kBq x D: by query rows at D = 64 where
-// kBq = 128, by columns of D at D = 128 where kBq = 64), added with float32 atomics into the
-// (B, H, L, D) scratch as the mma.sync backward does (local_bwd.cuh says why: dQ is not
-// bitwise reproducible; dK and dV are).
+// kBq = 128, by columns of D at D = 128 where kBq = 64), stages it in shared memory and adds it
+// into the float32 (B, H, L, D) scratch with one bulk reduce-add (TMA), which the L2 applies
+// far faster than per-thread atomics (kernel-notes: 30% of the kernel's time at D = 128). The
+// additions land in no fixed order: dQ is not bitwise reproducible; dK and dV are.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -45,25 +46,30 @@ struct WsBwdConfig {
   static constexpr int kKvBytes = kBc * D * static_cast<int>(sizeof(T));
   static constexpr int kQBytes = kBq * D * static_cast<int>(sizeof(T));
   static constexpr int kDsBytes = kBc * kBq * static_cast<int>(sizeof(T));
-  // K, V, the Q and dO stages, two dS^T buffers, then lse and delta per stage, the mbarriers;
-  // + 1024 bytes of alignment slack. Every tile is a multiple of 1024 bytes (swizzle atoms).
-  static constexpr size_t kStatsOffset = 2 * kKvBytes + 2 * kStages * kQBytes + 2 * kDsBytes;
-  static constexpr size_t kBarrierOffset = kStatsOffset + 2 * kStages * kBq * sizeof(float);
+  static constexpr int kDqBytes = 64 * 64 * static_cast<int>(sizeof(float));  // one consumer's
+  // K, V, the Q and dO stages, two dS^T buffers, the two dQ halves, then lse and delta (two
+  // tiles each), the mbarriers; + 1024 bytes of alignment slack. Every tile is a multiple of
+  // 1024 bytes (the swizzle atom).
+  static constexpr size_t kDqOffset = 2 * kKvBytes + 2 * kStages * kQBytes + 2 * kDsBytes;
+  static constexpr size_t kStatsOffset = kDqOffset + 2 * kDqBytes;
+  static constexpr size_t kBarrierOffset = kStatsOffset + 4 * kBq * sizeof(float);
   static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * 2 * kStages;
   static_assert(kBq * D == 2 * 64 * 64, "dQ_tile must split into one 64 x 64 half per consumer");
 };
 
 struct BwdTensorMaps {
-  CUtensorMap q, dout;
+  CUtensorMap q, dout, dq;
 };
 
 // The block's shared memory. K, V (kBc rows), Q, dO (kBq rows) and dS^T (kBc rows of kBq
-// queries) are D / 64 (kBq / 64) column blocks of rows x 128 bytes in the 128-byte swizzle.
+// queries) are D / 64 (kBq / 64) column blocks of rows x 128 bytes in the 128-byte swizzle; each
+// consumer's dQ half is two boxes of 64 rows x 32 floats, also swizzled (bank-conflict free
+// stores of the accumulator fragments).
 template <typename T, int D>
 struct WsBwdSmem {
   using Cfg = WsBwdConfig<T, D>;
   T *k, *v, *q, *dout, *ds;
-  float *lse, *delta;
+  float *dq, *lse, *delta;
   uint64_t *full, *empty;
 
   __device__ __forceinline__ explicit WsBwdSmem(unsigned char* base)
@@ -72,56 +78,52 @@ struct WsBwdSmem {
         q(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes)),
         dout(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes + Cfg::kStages * Cfg::kQBytes)),
         ds(reinterpret_cast<T*>(base + 2 * Cfg::kKvBytes + 2 * Cfg::kStages * Cfg::kQBytes)),
+        dq(reinterpret_cast<float*>(base + Cfg::kDqOffset)),
         lse(reinterpret_cast<float*>(base + Cfg::kStatsOffset)),
-        delta(lse + Cfg::kStages * Cfg::kBq),
+        delta(lse + 2 * Cfg::kBq),
         full(reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset)),
         empty(full + Cfg::kStages) {}
   __device__ __forceinline__ T* q_stage(int s) const { return q + s * Cfg::kBq * D; }
   __device__ __forceinline__ T* do_stage(int s) const { return dout + s * Cfg::kBq * D; }
-  __device__ __forceinline__ float* lse_stage(int s) const { return lse + s * Cfg::kBq; }
-  __device__ __forceinline__ float* delta_stage(int s) const { return delta + s * Cfg::kBq; }
   __device__ __forceinline__ T* ds_buffer(int n) const { return ds + (n & 1) * Cfg::kBc * Cfg::kBq; }
+  __device__ __forceinline__ float* dq_half(int wg) const { return dq + wg * 64 * 64; }
+  __device__ __forceinline__ float* lse_of(int n) const { return lse + (n & 1) * Cfg::kBq; }
+  __device__ __forceinline__ float* delta_of(int n) const { return delta + (n & 1) * Cfg::kBq; }
 };
 
-// The producer warp: every query tile of the band through the ring. lse and delta are written
-// by the 32 lanes (each arrives on the stage's barrier, lane 0 with the TMA byte count).
+// The producer (one thread): every query tile of the band through the ring.
 template <typename T, int D>
-__device__ __forceinline__ void ws_bwd_produce(const LocalAttentionBwdParams& p,
-                                               const BwdTensorMaps& maps, const BwdBlock& blk,
-                                               const WsBwdSmem<T, D>& sm, int lane) {
+__device__ __forceinline__ void ws_bwd_produce(const BwdTensorMaps& maps, const BwdBlock& blk,
+                                               const WsBwdSmem<T, D>& sm) {
   using Cfg = WsBwdConfig<T, D>;
   constexpr int kBq = Cfg::kBq, kStages = Cfg::kStages;
   const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
-  const int64_t L = p.seq_len;
-  const float* lse_g = p.lse + blk.bh * L;
-  const float* delta_g = p.delta + blk.bh * L;
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
     if (n >= kStages) mbar_wait(&sm.empty[stage], ((n / kStages) - 1) & 1);
-    const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
-    float* lse = sm.lse_stage(stage);
-    float* delta = sm.delta_stage(stage);
-    for (int r = lane; r < kBq; r += 32) {
-      const int64_t i = i0 + r;
-      // lse = -inf (a query that sees nothing) and rows past L become +inf: P = exp2(s - inf) = 0.
-      const float value = i < L ? lse_g[i] : -INFINITY;
-      lse[r] = value == -INFINITY ? INFINITY : value * kLog2e;
-      delta[r] = i < L ? delta_g[i] : 0.f;
-    }
-    if (lane == 0) {
-      mbar_arrive_expect_tx(&sm.full[stage], 2 * Cfg::kQBytes);
+    const int i0 = static_cast<int>(blk.qlo) + n * kBq;
+    mbar_arrive_expect_tx(&sm.full[stage], 2 * Cfg::kQBytes);
 #pragma unroll
-      for (int cb = 0; cb < D / 64; ++cb) {
-        tma_load_4d(sm.q_stage(stage) + cb * kBq * 64, &maps.q, &sm.full[stage], cb * 64,
-                    static_cast<int>(i0), h, b);
-        tma_load_4d(sm.do_stage(stage) + cb * kBq * 64, &maps.dout, &sm.full[stage], cb * 64,
-                    static_cast<int>(i0), h, b);
-      }
-    } else {
-      mbar_arrive(&sm.full[stage]);
+    for (int cb = 0; cb < D / 64; ++cb) {
+      tma_load_4d(sm.q_stage(stage) + cb * kBq * 64, &maps.q, &sm.full[stage], cb * 64, i0, h, b);
+      tma_load_4d(sm.do_stage(stage) + cb * kBq * 64, &maps.dout, &sm.full[stage], cb * 64, i0, h,
+                  b);
     }
   }
 }
+
+// One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
+// nothing) and rows past L become +inf, so that P = exp2(s - inf) = 0; delta past L is 0.
+struct QueryStats {
+  float lse = 0.f, delta = 0.f;
+
+  QueryStats() = default;
+  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t bh, int64_t i) {
+    const float value = i < p.seq_len ? p.lse[bh * p.seq_len + i] : -INFINITY;
+    lse = value == -INFINITY ? INFINITY : value * kLog2e;
+    delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
+  }
+};
 
 // P^T of the warp's 16 keys (kw0 ..) x kBq queries (i0 ..) in place of S^T; element (key
 // kw0 + g + 8 (e >> 1), query i0 + 8 i + 2 t + (e & 1)). lse: the tile's, base 2.
@@ -171,16 +173,34 @@ __device__ __forceinline__ void store_ds_transposed(T* ds, const uint32_t (&dsa)
     }
 }
 
+// The accumulator fragments of one consumer's dQ half (64 x 64) into its two swizzled boxes
+// (32 columns each): element (row, column) at box column / 32, row * 32 + 16-byte chunk
+// ((column % 32) / 4) ^ (row % 8).
+__device__ __forceinline__ void stage_dq_half(float* dq, const float (&acc)[8][4], int warp,
+                                              int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * warp + g + 8 * r, chunk = 2 * (j % 4) + (t >> 1);
+      float* dst = dq + (j / 4) * 64 * 32 + row * 32 + ((chunk ^ (row & 7)) << 2) + (t & 1) * 2;
+      *reinterpret_cast<float2*>(dst) = make_float2(acc[j][2 * r], acc[j][2 * r + 1]);
+    }
+}
+
 // One consumer warpgroup (wg 0 or 1) over the whole band, then the dK / dV store.
 template <typename T, int D>
 __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
-                                               const BwdBlock& blk, const WsBwdSmem<T, D>& sm,
-                                               float* __restrict__ dq_accum, int wg, int tid) {
+                                               const BwdTensorMaps& maps, const BwdBlock& blk,
+                                               const WsBwdSmem<T, D>& sm, int wg, int tid) {
   using Cfg = WsBwdConfig<T, D>;
   constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kStages = Cfg::kStages;
   constexpr int kConsumers = 256, kConsumerBarrier = 1;
-  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int64_t L = p.seq_len;
+  const int lane = tid & 31, warp = tid >> 5, t = lane & 3;
+  const int ctid = wg * 128 + tid;  // among the consumers
+  const int dq_barrier = 2 + wg;    // this warpgroup's own
+  const bool leader = tid == 0;     // issues this warpgroup's dQ reduce-adds
   const int64_t kw0 = blk.k0 + 64 * wg + 16 * warp;  // this warp's first key
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
@@ -189,10 +209,15 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     const T* kg = head_ptr<T>(p.k, p.k_strides, blk.b, blk.h);
     const T* vg = head_ptr<T>(p.v, p.v_strides, blk.b, blk.h);
     load_rows<T, D, kBc, kConsumers, true>(sm.k, 0, kg, p.k_strides.seq, blk.k0, blk.keys, true,
-                                           wg * 128 + tid);
+                                           ctid);
     load_rows<T, D, kBc, kConsumers, true>(sm.v, 0, vg, p.v_strides.seq, blk.k0, blk.keys, true,
-                                           wg * 128 + tid);
+                                           ctid);
     cp_async_commit();
+    if (ctid < kBq) {
+      const QueryStats first(p, blk.bh, blk.qlo + ctid);
+      sm.lse_of(0)[ctid] = first.lse;
+      sm.delta_of(0)[ctid] = first.delta;
+    }
     cp_async_wait<0>();
     fence_proxy_async();  // the copies are read by wgmma (the async proxy)
     named_sync(kConsumerBarrier, kConsumers);
@@ -202,11 +227,15 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   const T* v_rows = sm.v + wg * 64 * 64;
   // This consumer's half of dQ_tile: query rows [64 m_block, + 64), columns [64 d_block, + 64).
   const int m_block = kBq == 128 ? wg : 0, d_block = kBq == 128 ? 0 : wg;
-  float* dq_head = dq_accum + blk.bh * L * D + d_block * 64 + 2 * t;
+  float* dq_stage = sm.dq_half(wg);
 
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
     const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
+    // The next tile's lse and delta, stored before this tile's barrier (their buffer was last
+    // read two tiles ago, before the previous barrier).
+    const bool stats_loader = ctid < kBq && n + 1 < blk.n_tiles;
+    const QueryStats next = stats_loader ? QueryStats(p, blk.bh, i0 + kBq + ctid) : QueryStats();
     mbar_wait(&sm.full[stage], (n / kStages) & 1);
     const T* q = sm.q_stage(stage);
     const T* dout = sm.do_stage(stage);
@@ -220,7 +249,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     // S^T is ready; dP^T may still run (at D = 128: see kDvOverlap).
     wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
     fence_accumulators(s);
-    bwd_probabilities<kBq>(s, sm.lse_stage(stage), p, blk.keys, kw0, i0, scale_log2, lane);
+    bwd_probabilities<kBq>(s, sm.lse_of(n), p, blk.keys, kw0, i0, scale_log2, lane);
     uint32_t pa[kBq / 16][4];
     if constexpr (Cfg::kDvOverlap) {
       pack_probabilities<T, kBq>(pa, s);
@@ -231,7 +260,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     }
     fence_accumulators(dp);
 
-    const float* delta = sm.delta_stage(stage);
+    const float* delta = sm.delta_of(n);
 #pragma unroll
     for (int i = 0; i < kBq / 8; ++i) {
       const float2 dl = *reinterpret_cast<const float2*>(delta + i * 8 + 2 * t);
@@ -246,6 +275,10 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     if constexpr (!Cfg::kDvOverlap) wgmma_pv<T, D, kBq>(dv, pa, dout);
     wgmma_pv<T, D, kBq>(dk, dsa, q);  // the scale is applied once, at the store
     wgmma_commit();
+    if (stats_loader) {
+      sm.lse_of(n + 1)[ctid] = next.lse;
+      sm.delta_of(n + 1)[ctid] = next.delta;
+    }
     // Both halves of dS^T in place (and, through the buffers' alternation, the dQ products of
     // two tiles ago done with the buffer this tile wrote).
     fence_proxy_async();
@@ -262,23 +295,28 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.empty[stage]);  // this warp is done with the stage
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t qi = i0 + m_block * 64 + 16 * warp + g + 8 * r;
-      if (qi >= L) continue;
-      float* dst = dq_head + qi * D;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, dq[j][2 * r], dq[j][2 * r + 1]);
+    // dQ half -> shared memory (once the previous tile's reduce-add has read it) -> one bulk
+    // reduce-add per box; rows past L fall outside the head and are skipped by the copy engine.
+    if (leader) bulk_wait_read<0>();
+    named_sync(dq_barrier, 128);
+    stage_dq_half(dq_stage, dq, warp, lane);
+    fence_proxy_async();
+    named_sync(dq_barrier, 128);
+    if (leader) {
+      const int row = static_cast<int>(i0) + m_block * 64, head = static_cast<int>(blk.bh);
+      tma_reduce_add_3d(&maps.dq, dq_stage, d_block * 64, row, head);
+      tma_reduce_add_3d(&maps.dq, dq_stage + 64 * 32, d_block * 64 + 32, row, head);
+      bulk_commit();
     }
   }
+  if (leader) bulk_wait<0>();  // the reduce-adds are done with shared memory before it goes
   store_key_rows<HalfOps<T>, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
     local_bwd_ws_kernel(const __grid_constant__ LocalAttentionBwdParams p,
-                        const __grid_constant__ BwdTensorMaps maps, float* __restrict__ dq_accum,
-                        const int64_t k_tiles) {
+                        const __grid_constant__ BwdTensorMaps maps, const int64_t k_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = WsBwdConfig<T, D>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -290,8 +328,9 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(&maps.q);
     tma_prefetch_descriptor(&maps.dout);
+    tma_prefetch_descriptor(&maps.dq);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(&sm.full[s], 32);  // the producer warp's lanes
+      mbar_init(&sm.full[s], 1);   // the producer's arrival with the byte count
       mbar_init(&sm.empty[s], 8);  // one arrival per consumer warp
     }
     fence_barrier_init();
@@ -299,10 +338,10 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
-    if (tid < 32) ws_bwd_produce<T, D>(p, maps, blk, sm, tid);
+    if (tid == 0) ws_bwd_produce<T, D>(maps, blk, sm);
   } else {
     regs_increase<Cfg::kConsumerRegs>();
-    ws_bwd_consume<T, D>(p, blk, sm, dq_accum, warpgroup - 1, tid);
+    ws_bwd_consume<T, D>(p, maps, blk, sm, warpgroup - 1, tid);
   }
 #else
   __trap();  // launched only where the sm_90a code is present (see use_wgmma)
@@ -316,7 +355,8 @@ inline bool use_ws_backward() {
   return off == nullptr || off[0] == '\0' || off[0] == '0';
 }
 
-// Launches the Hopper backward if TMA can describe q and grad_out; false otherwise.
+// Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
+// otherwise.
 template <typename T, int D>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
@@ -326,7 +366,8 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
   if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
                        Cfg::kBq) ||
       !encode_head_map(&maps.dout, p.grad_out, kBf16, p.batch, p.heads, p.seq_len, D,
-                       p.grad_out_strides, Cfg::kBq)) {
+                       p.grad_out_strides, Cfg::kBq) ||
+      !encode_dq_map(&maps.dq, dq_accum, p.batch * p.heads, p.seq_len, D, 64)) {
     return false;
   }
   auto kernel = local_bwd_ws_kernel<T, D>;
@@ -335,7 +376,7 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
   if (*err != cudaSuccess) return true;
   const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
   kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
-      p, maps, dq_accum, k_tiles);
+      p, maps, k_tiles);
   *err = cudaGetLastError();
   return true;
 }

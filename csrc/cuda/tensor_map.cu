@@ -54,4 +54,26 @@ bool encode_head_map(CUtensorMap* map, const void* base, bool bfloat16, int64_t 
   return r == CUDA_SUCCESS;
 }
 
+bool encode_dq_map(CUtensorMap* map, float* base, int64_t batch_heads, int64_t seq_len,
+                   int64_t head_dim, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_fn();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  constexpr int64_t kElem = 4;
+  const int64_t head_bytes = seq_len * head_dim * kElem;
+  if (head_bytes >= (int64_t{1} << 40) || seq_len >= (int64_t{1} << 31) ||
+      batch_heads >= (int64_t{1} << 31)) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(seq_len),
+                              static_cast<cuuint64_t>(batch_heads)};
+  const cuuint64_t byte_strides[2] = {static_cast<cuuint64_t>(head_dim * kElem),
+                                      static_cast<cuuint64_t>(head_bytes)};
+  const cuuint32_t box[3] = {32, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, byte_strides, box,
+                            unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
 }  // namespace fastattn::cuda

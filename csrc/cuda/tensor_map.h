@@ -1,4 +1,4 @@
-// Host side of the TMA-fed kernels: the tensor map of one (B, H, L, D) operand, built per call.
+// Host side of the TMA-fed kernels: the tensor maps of their operands, built per call.
 #pragma once
 #include <cuda.h>
 
@@ -16,5 +16,11 @@ namespace fastattn::cuda {
 bool encode_head_map(CUtensorMap* map, const void* base, bool bfloat16, int64_t batch,
                      int64_t heads, int64_t seq_len, int64_t head_dim,
                      const TensorStrides& strides, int box_rows);
+
+// The backward's float32 dQ scratch, (B * H, L, D) contiguous, as a 3-d map (D, L, B * H) whose
+// box is 32 columns (128 bytes) by box_rows rows in the 128-byte swizzle: the target of the
+// bulk reduce-add. Rows past L of a head lie outside the box's head and are never touched.
+bool encode_dq_map(CUtensorMap* map, float* base, int64_t batch_heads, int64_t seq_len,
+                   int64_t head_dim, int box_rows);
 
 }  // namespace fastattn::cuda
