@@ -155,7 +155,8 @@ def _nan_past(t, key_lengths):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_key_padding_is_never_read(dtype, head_dim):
     """Keys and values past key_lengths hold NaN: nothing of them may reach out, lse or a
-    gradient (on Hopper the V tile holding that boundary is copied by the producer warp)."""
+    gradient (on Hopper the forward's producer warp copies the V tile holding that boundary, the
+    backward copies K and V with zeros past it)."""
     seq_len, window = 700, (300, 150)
     key_lengths = torch.tensor([700, 455, 0], device="cuda")
     q, k, v = make_qkv(3, 2, seq_len, head_dim, dtype, device="cuda")

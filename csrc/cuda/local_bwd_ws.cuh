@@ -22,10 +22,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/hopper_sync.cuh"
+#include "cuda/kernel_switches.h"
 #include "cuda/local_bwd.cuh"
 #include "cuda/local_fwd.cuh"
 #include "cuda/tensor_map.h"
@@ -350,10 +350,7 @@ __global__ void __launch_bounds__(384, 1)
 
 // The Hopper backward is the default where it applies; FASTATTN_DISABLE_WS_BWD=1 takes the
 // mma.sync backward instead (for comparison).
-inline bool use_ws_backward() {
-  const char* off = std::getenv("FASTATTN_DISABLE_WS_BWD");
-  return off == nullptr || off[0] == '\0' || off[0] == '0';
-}
+inline bool use_ws_backward() { return !switch_set("FASTATTN_DISABLE_WS_BWD"); }
 
 // Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
 // otherwise.

@@ -12,8 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 
+#include "cuda/kernel_switches.h"
 #include "cuda/tile_common.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -340,10 +340,7 @@ __global__ void __launch_bounds__(128)
 // FASTATTN_DISABLE_WGMMA is unset (a switch for comparing with the mma.sync kernel).
 inline bool use_wgmma() {
 #if defined(FASTATTN_SM90A)
-  if (const char* off = std::getenv("FASTATTN_DISABLE_WGMMA"); off != nullptr && off[0] != '\0' &&
-                                                              off[0] != '0') {
-    return false;
-  }
+  if (switch_set("FASTATTN_DISABLE_WGMMA")) return false;
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);

@@ -23,10 +23,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/hopper_sync.cuh"
+#include "cuda/kernel_switches.h"
 #include "cuda/local_fwd.cuh"
 #include "cuda/tensor_map.h"
 #include "cuda/wgmma.cuh"
@@ -284,10 +284,7 @@ __global__ void __launch_bounds__(384, 1)
 
 // The warp-specialized kernel is the default where it applies; FASTATTN_DISABLE_WS=1 takes the
 // one-warpgroup wgmma kernel instead (for comparison).
-inline bool use_ws_forward() {
-  const char* off = std::getenv("FASTATTN_DISABLE_WS");
-  return off == nullptr || off[0] == '\0' || off[0] == '0';
-}
+inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
 
 // Launches the warp-specialized forward if TMA can describe q, k and v; false otherwise.
 template <typename T, int D>

@@ -1,0 +1,15 @@
+// Environment switches that take an older kernel where a newer one is the default (for
+// comparison and as a fallback): FASTATTN_DISABLE_WGMMA, FASTATTN_DISABLE_WS,
+// FASTATTN_DISABLE_WS_BWD. Read at each launch, so a CUDA graph records what was set at capture.
+#pragma once
+#include <cstdlib>
+
+namespace fastattn::cuda {
+
+// True when the variable is set to anything but "" or "0".
+inline bool switch_set(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
+}
+
+}  // namespace fastattn::cuda
