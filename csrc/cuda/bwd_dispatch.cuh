@@ -35,7 +35,14 @@ cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, floa
   const bool vector = rows_are_16_byte_chunks(p.grad_out, p.grad_out_strides, p.head_dim,
                                               sizeof(T)) &&
                       rows_are_16_byte_chunks(p.out, p.out_strides, p.head_dim, sizeof(T));
-  local_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 15) / 16), 256, 0, stream>>>(p, vector);
+  // One 16-byte chunk a lane where rows allow: 8 lanes a row up to D = 64 (16-bit), 16 above.
+  if (p.head_dim <= 64) {
+    local_bwd_delta_kernel<T, 8><<<static_cast<unsigned>((rows + 31) / 32), 256, 0, stream>>>(
+        p, dq_accum, vector);
+  } else {
+    local_bwd_delta_kernel<T, 16><<<static_cast<unsigned>((rows + 15) / 16), 256, 0, stream>>>(
+        p, dq_accum, vector);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (p.head_dim) {
@@ -48,7 +55,7 @@ cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, floa
   }
   if (err != cudaSuccess) return err;
   const int64_t n = rows * p.head_dim;
-  const int64_t blocks = (n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536;
+  const int64_t blocks = (n / 8 + 255) / 256 < 65536 ? (n / 8 + 255) / 256 : 65536;
   local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
       dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
   return cudaGetLastError();

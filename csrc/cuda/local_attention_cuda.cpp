@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
                                               window_left, window_right, scale);
   if (q.numel() == 0) return {b.grad_q, b.grad_k, b.grad_v};
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  // Zeroed by the backward's delta pre-pass, before the main kernel adds into it.
+  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const bool aligned =
       rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(b.grad_out);
   C10_CUDA_CHECK(cuda::local_attention_bwd(b.params, kernel_dtype(q), aligned,

@@ -7,8 +7,8 @@
 //   S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q,
 // then dS^T goes through shared memory so the block can form dQ_tile = dS K, which is added
-// with float32 atomics into a zeroed (B, H, L, D) float32 scratch and converted (times the
-// scale) to the output dtype by a last small kernel.
+// with float32 atomics into a (B, H, L, D) float32 scratch (zeroed by the delta pre-pass) and
+// converted (times the scale) to the output dtype by a last small kernel.
 //
 // Why atomics rather than a separate dQ pass: a dQ pass recomputes S and dP (two of the five
 // products, +40% tensor work); the atomics cost one float2 reduction per dQ element per key
@@ -235,14 +235,17 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   store_key_rows<Ops, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
-// delta = rowsum(dO * O) - grad_lse, 16 lanes a row (two rows a warp). Where every row of dO
-// and O starts on a 16-byte boundary (vector), each lane reads 16 bytes of both at a time.
-template <typename T>
-__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, const bool vector) {
-  constexpr int kLanes = 16, kPer = 16 / static_cast<int>(sizeof(T));
+// delta = rowsum(dO * O) - grad_lse, kLanes lanes a row; where every row of dO and O starts on a
+// 16-byte boundary (vector), each lane reads 16 bytes of both at a time. The same pass zeroes
+// the row's float32 dQ scratch, which the main kernel adds into.
+template <typename T, int kLanes>
+__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, float* __restrict__ dq_accum,
+                                       const bool vector) {
+  static_assert(kLanes == 8 || kLanes == 16);
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
   const int lane = threadIdx.x % kLanes;
-  const unsigned half = 0xffffu << (threadIdx.x & 16);  // the lanes of this row
+  const unsigned group = ((1u << kLanes) - 1) << ((threadIdx.x & 31) & ~(kLanes - 1));
   const int64_t rows = p.batch * p.heads * p.seq_len;
   if (row >= rows) return;
   const int64_t i = row % p.seq_len, bh = row / p.seq_len;
@@ -263,8 +266,11 @@ __global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, const bo
       sum += static_cast<float>(dO[d]) * static_cast<float>(o[d]);
     }
   }
+  // Rows of D floats, D a multiple of 4, in a contiguous allocation: whole float4s.
+  float4* scratch = reinterpret_cast<float4*>(dq_accum + row * p.head_dim);
+  for (int64_t c = lane; c < p.head_dim / 4; c += kLanes) scratch[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(half, sum, off);
+  for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(group, sum, off);
   if (lane == 0) p.delta[row] = sum - p.grad_lse[row];
 }
 
@@ -277,13 +283,24 @@ inline bool rows_are_16_byte_chunks(const void* base, const TensorStrides& s, in
          s.seq % per == 0 && s.head % per == 0 && s.batch % per == 0;
 }
 
-// grad_q = scale * dq_accum in the output dtype (grad_q is contiguous, like dq_accum).
+// grad_q = scale * dq_accum in the output dtype, 8 elements a step: both are contiguous, from
+// torch's allocator (16-byte aligned), and n is a multiple of 8 (every head dim is).
 template <typename T>
 __global__ void local_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ grad_q,
                                     int64_t n, float scale) {
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    grad_q[idx] = static_cast<T>(dq_accum[idx] * scale);
+  const int64_t steps = n / 8;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < steps;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 lo = reinterpret_cast<const float4*>(dq_accum)[2 * c];
+    const float4 hi = reinterpret_cast<const float4*>(dq_accum)[2 * c + 1];
+    const float values[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    alignas(16) T out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = static_cast<T>(values[e] * scale);
+#pragma unroll
+    for (int v = 0; v < static_cast<int>(sizeof(out)) / 16; ++v) {
+      reinterpret_cast<uint4*>(grad_q + 8 * c)[v] = reinterpret_cast<const uint4*>(out)[v];
+    }
   }
 }
 
