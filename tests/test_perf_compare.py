@@ -356,3 +356,75 @@ def test_a_failed_rerun_leaves_the_regressions_standing(tmp_path, pair, capsys):
     slow = write_run(tmp_path / "slow.json", scaled(json.loads(open(pair[1]).read()), 1.2))
     assert gate(pair[0], slow, "--confirm-with", "exit 3", "--confirm-run", tmp_path / "none.json") == 1
     assert "the confirming run failed (exit 3" in capsys.readouterr().err
+
+
+# --- only the gated implementation fails; the others are controls -----------------------------
+
+
+def _with_controls(rng, factor_ours=1.0, factor_controls=1.0, n_controls=4):
+    cases = noisy_cases(rng, factor=factor_ours)
+    for impl in ("flex", "sdpa"):
+        cases.update(noisy_cases(rng, n_cases=n_controls // 2, factor=factor_controls, impl=impl))
+    return cases
+
+
+def test_a_slower_peer_is_reported_not_failed(tmp_path, rng, capsys):
+    base = write_run(tmp_path / "b.json", make_run(_with_controls(rng)))
+    cases = _with_controls(rng)
+    cases[case_name(0, "flex")] = cases[case_name(0, "flex")] * 1.3
+    run = write_run(tmp_path / "r.json", make_run(cases))
+    assert gate(base, run) == 0
+    out = capsys.readouterr().out
+    assert out.count("| control-slower |") == 1
+    assert "| control-slower | `test_local[flex-" in out
+    # gating every implementation (the old behaviour) fails it
+    assert gate(base, run, "--gate", "all") == 1
+
+
+def test_a_machine_wide_slowdown_shows_in_the_controls_and_does_not_fail_us(tmp_path, rng, capsys):
+    base = write_run(tmp_path / "b.json", make_run(_with_controls(rng)))
+    run = write_run(tmp_path / "r.json", make_run(_with_controls(rng, 1.25, 1.25)))
+    assert gate(base, run) == 0
+    out = capsys.readouterr().out
+    assert "median run/baseline ratio 1.2" in out and "times this drift" in out
+    assert gate(base, run, "--no-drift") == 1
+
+
+def test_our_slowdown_beside_steady_controls_fails(tmp_path, rng, capsys):
+    base = write_run(tmp_path / "b.json", make_run(_with_controls(rng)))
+    slow = scaled(make_run(_with_controls(rng)), 1.2, impl="fastattn")
+    run = write_run(tmp_path / "r.json", slow)
+    assert gate(base, run) == 1
+    out = capsys.readouterr().out
+    assert out.count("**REGRESSION**") == 4 and "test_local[fastattn-" in out
+
+
+def test_our_slowdown_beyond_the_controls_drift_still_fails(tmp_path, rng):
+    base = write_run(tmp_path / "b.json", make_run(_with_controls(rng)))
+    run = write_run(tmp_path / "r.json", make_run(_with_controls(rng, 1.10 * 1.2, 1.10)))
+    assert gate(base, run) == 1
+
+
+def test_too_few_controls_apply_no_drift(tmp_path, rng, capsys):
+    base = write_run(tmp_path / "b.json", make_run(_with_controls(rng, n_controls=2)))
+    run = write_run(tmp_path / "r.json", make_run(_with_controls(rng, 1.25, 1.25, n_controls=2)))
+    assert gate(base, run) == 1
+    assert "fewer than 3: no machine drift applied" in capsys.readouterr().out
+
+
+def test_a_case_is_judged_against_its_processes_spread(tmp_path, rng, capsys):
+    cases = noisy_cases(rng)
+    base_raw = make_run(cases)
+    for bench in base_raw["benchmarks"]:
+        bench["extra_info"]["process_spread"] = 0.15  # the processes of the baseline disagreed by 15%
+    base = write_run(tmp_path / "b.json", base_raw)
+    run = write_run(tmp_path / "r.json", make_run(noisy_cases(rng, factor=1.10)))
+    assert gate(base, run) == 0
+    assert "| 5% → 15% |" in capsys.readouterr().out
+    run = write_run(tmp_path / "r2.json", make_run(noisy_cases(rng, factor=1.30)))
+    assert gate(base, run) == 1
+
+
+def test_bad_gate_option_exits_2(pair, capsys):
+    assert gate(*pair, "--gate", " , ") == 2
+    assert "--gate" in capsys.readouterr().err

@@ -55,3 +55,14 @@ def test_a_truncated_part_exits_2_and_writes_nothing(tmp_path, rng, capsys):
     assert main(["fastest-of", str(tmp_path / "run.json"), good, str(tmp_path / "cut.json")]) == 2
     assert "cut.json" in capsys.readouterr().err
     assert not (tmp_path / "run.json").exists()
+
+
+def test_the_spread_of_the_process_medians_is_recorded(rng):
+    name = next(iter(noisy_cases(rng, n_cases=1)))
+    parts = [make_run({name: noisy_cases(rng, n_cases=1, factor=f)[name]}) for f in (1.0, 1.08, 1.03)]
+    combined = fastest_per_case([as_run(part) for part in parts])
+    info = combined["benchmarks"][0]["extra_info"]
+    medians = [float(np.median(p["benchmarks"][0]["stats"]["data"])) for p in parts]
+    assert info["process_medians"] == pytest.approx(medians)
+    assert info["process_spread"] == pytest.approx(max(medians) / min(medians) - 1)
+    assert info["processes"] == 3

@@ -4,6 +4,14 @@ Compares a run with a baseline case by case (cases are matched by pytest node id
 ``fullname``) with the rule of :mod:`fastattn.perf.stats`, prints a markdown verdict table
 (also appended to ``$GITHUB_STEP_SUMMARY`` when that is set) and exits
 
+Only the gated implementations' cases can fail (``--gate``, default fastattn: a case's
+implementation is its ``extra_info["impl"]``; a case without one is gated). The others
+(peers, references) are *controls*: judged and reported, never failed, and their median
+run/baseline ratio is the machine's drift: when the controls are slower, each gated case is
+judged against its threshold times that drift (a machine-wide slowdown is not ours). A case
+whose baseline (or run) was timed in several processes (``fastest-of``) records the spread of
+the per-process medians, and is judged against the larger of its threshold and that spread.
+
 - 0: no case regressed (improvements, unclear moves, new and missing cases are reported only),
 - 1: at least one case regressed,
 - 2: the input is unusable (missing, corrupt or truncated file, no common case, runs of
@@ -23,13 +31,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fastattn.perf import stats
 from fastattn.perf.runs import Case, Run, RunError, load_run
 
 EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 # Table order: what needs a look first.
-VERDICTS = ("regression", "unconfirmed", "slower?", "incomparable", "missing", "improvement", "faster?", "new", "unchanged")
+VERDICTS = ("regression", "unconfirmed", "slower?", "control-slower", "incomparable", "missing", "improvement", "faster?", "new", "unchanged")
+# The implementations whose cases can fail the gate unless --gate says otherwise.
+DEFAULT_GATE = ("fastattn",)
+# Fewer controls than this tell nothing reliable about the machine: no drift is applied.
+MIN_CONTROLS = 3
 # extra_info keys that must agree for two timings of a case to be comparable (graph-batched GPU
 # time and eager per-call latency answer different questions; see DESIGN.md).
 SETUP_KEYS = ("timing_mode",)
@@ -176,8 +190,38 @@ class Row:
     base: Case | None
     run: Case | None
     judgement: stats.Judgement | None
-    threshold: float
+    threshold: float  # the configured one; judgement.threshold is what the case was judged at
     confirm: stats.Judgement | None = None  # the rerun's judgement, where one was taken
+    gated: bool = True  # False: a control, never failed
+
+
+def impl_of(case: Case) -> str | None:
+    impl = case.extra_info.get("impl")
+    return str(impl) if impl is not None else None
+
+
+def is_gated(case: Case, gate: tuple[str, ...] | None) -> bool:
+    """Whether a case can fail: every case with gate=None, else those of the gated
+    implementations and those that name no implementation."""
+    impl = impl_of(case)
+    return gate is None or impl is None or impl in gate
+
+
+def process_spread(case: Case | None) -> float:
+    """The spread of a case's per-process medians (max / min - 1) where it was timed in several
+    processes, else 0."""
+    if case is None:
+        return 0.0
+    value = case.extra_info.get("process_spread")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else 0.0
+
+
+def effective_threshold(threshold: float, spread: float, drift: float) -> float:
+    """The slowdown a gated case may show: its threshold or its processes' spread, whichever is
+    larger, on top of the machine's drift (1 when the controls are not slower)."""
+    if math.isinf(threshold):
+        return threshold
+    return (1.0 + max(threshold, spread)) * drift - 1.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +230,9 @@ class Report:
     run: Run
     rows: list[Row]
     alpha: float
+    gate: tuple[str, ...] | None = DEFAULT_GATE
+    drift: float = 1.0  # the controls' median run/baseline ratio (nan: too few controls)
+    controls: int = 0
 
     def count(self, verdict: str) -> int:
         return sum(r.verdict == verdict for r in self.rows)
@@ -211,6 +258,8 @@ class Report:
             + ("" if self.run.device == self.baseline.device else f"; baseline device `{self.baseline.device}`")
             + f". Median run/baseline ratio over common cases: {overall:.3f}.",
             "",
+            self._controls_line(),
+            "",
             "| verdict | case | baseline | run | change | interval | noise base / run | threshold | rounds |",
             "|---|---|---:|---:|---:|---|---:|---:|---:|",
         ]
@@ -225,14 +274,31 @@ class Report:
             "`?`: moved beyond the threshold by the medians, not clearly on the samples (reported, not failed); "
             "*unconfirmed*: a regression that a second timing of the case, in a fresh process, did not show "
             "(reported, not failed); "
-            f"*incomparable*: timed differently ({', '.join(SETUP_KEYS)} differs), not judged.",
+            f"*incomparable*: timed differently ({', '.join(SETUP_KEYS)} differs), not judged; "
+            "*control-slower*: a control (not a gated implementation) slower by the rule, reported only. "
+            "*threshold*: the configured one, then what the case was judged at where the process spread "
+            "or the controls' drift raised it.",
             "",
         ]
         return "\n".join(lines)
 
+    def _controls_line(self) -> str:
+        gated = "every implementation" if self.gate is None else ", ".join(self.gate)
+        if self.gate is None or not self.controls:
+            return f"Gated: {gated}; no controls."
+        if math.isnan(self.drift):
+            return (f"Gated: {gated}. Controls: {self.controls} case(s), fewer than {MIN_CONTROLS}: "
+                    "no machine drift applied.")
+        applied = ("gated cases judged against their threshold times this drift"
+                   if self.drift > 1.0 else "not slower, so no drift applied")
+        return (f"Gated: {gated}. Controls (the other implementations, reported, never failed): "
+                f"{self.controls} case(s), median run/baseline ratio {self.drift:.3f}: {applied}.")
+
 
 def _markdown_row(r: Row, name: str) -> str:
     verdict = f"**{r.verdict.upper()}**" if r.verdict == "regression" else r.verdict
+    if not r.gated and r.verdict not in ("control-slower", "new", "missing"):
+        verdict += " (control)"
     base = format_time(r.base.median) if r.base else "—"
     run = format_time(r.run.median) if r.run else "—"
     rounds = f"{r.base.samples.size if r.base else '—'} / {r.run.samples.size if r.run else '—'}"
@@ -247,7 +313,10 @@ def _markdown_row(r: Row, name: str) -> str:
         hi = "…" if math.isnan(j.high) else f"{j.high:.3f}"
         interval = f"{lo} – {hi}"
         noise = f"{j.noise_base * 100:.1f}% / {j.noise_run * 100:.1f}%"
-    return f"| {verdict} | `{name}` | {base} | {run} | {change} | {interval} | {noise} | {format_pct(r.threshold)} | {rounds} |"
+    threshold = format_pct(r.threshold)
+    if j is not None and not math.isinf(r.threshold) and not math.isclose(j.threshold, r.threshold):
+        threshold += f" → {format_pct(j.threshold)}"
+    return f"| {verdict} | `{name}` | {base} | {run} | {change} | {interval} | {noise} | {threshold} | {rounds} |"
 
 
 def compare_runs(
@@ -257,11 +326,16 @@ def compare_runs(
     alpha: float = stats.ALPHA,
     allow_device_mismatch: bool = False,
     confirm: Run | None = None,
+    gate: tuple[str, ...] | None = DEFAULT_GATE,
+    drift_from_controls: bool = True,
 ) -> Report:
     """Judge every case; raises RunError where the two runs cannot be compared.
 
     `confirm`: a second run of (some of) the cases, taken after this one. A regression stands
     only if the case regresses in `confirm` too; otherwise it is "unconfirmed" (reported only).
+    `gate`: the implementations whose cases can fail (None: all); the others are controls.
+    `drift_from_controls`: judge gated cases against their threshold times the controls'
+    median ratio when that is above 1.
     """
     thresholds = thresholds or Thresholds()
     if baseline.device != run.device and not allow_device_mismatch:
@@ -272,24 +346,39 @@ def compare_runs(
     common = [f for f in baseline.cases if f in run.cases]
     if not common:
         raise RunError(f"baseline {baseline.path} and run {run.path} have no case in common")
+    names = sorted(set(baseline.cases) | set(run.cases))
+    comparable = {
+        f for f in common
+        if all(baseline.cases[f].extra_info.get(k) == run.cases[f].extra_info.get(k) for k in SETUP_KEYS)
+    }
+    controls = [f for f in sorted(comparable) if not is_gated(baseline.cases[f], gate)]
+    ratios = sorted(run.cases[f].median / baseline.cases[f].median for f in controls)
+    drift = float(np.median(ratios)) if len(ratios) >= MIN_CONTROLS else math.nan
+    applied = drift if drift_from_controls and drift > 1.0 else 1.0
     rows = []
-    for fullname in sorted(set(baseline.cases) | set(run.cases)):
+    for fullname in names:
         base, new = baseline.cases.get(fullname), run.cases.get(fullname)
         threshold = thresholds.for_case(fullname)
+        gated = is_gated(base or new, gate)
         if base is None or new is None:
-            rows.append(Row(fullname, "new" if base is None else "missing", base, new, None, threshold))
+            rows.append(Row(fullname, "new" if base is None else "missing", base, new, None, threshold, gated=gated))
             continue
-        if any(base.extra_info.get(k) != new.extra_info.get(k) for k in SETUP_KEYS):
-            rows.append(Row(fullname, "incomparable", base, new, None, threshold))
+        if fullname not in comparable:
+            rows.append(Row(fullname, "incomparable", base, new, None, threshold, gated=gated))
             continue
-        judgement = stats.judge(base.samples, new.samples, threshold, alpha)
+        spread = max(process_spread(base), process_spread(new))
+        judged_at = effective_threshold(threshold, spread, applied if gated else 1.0)
+        judgement = stats.judge(base.samples, new.samples, judged_at, alpha)
         verdict, second = judgement.verdict, None
+        if not gated and verdict == "regression":
+            verdict = "control-slower"
         if verdict == "regression" and confirm is not None and fullname in confirm.cases:
-            second = stats.judge(base.samples, confirm.cases[fullname].samples, threshold, alpha)
+            second = stats.judge(base.samples, confirm.cases[fullname].samples, judged_at, alpha)
             verdict = "regression" if second.verdict == "regression" else "unconfirmed"
-        rows.append(Row(fullname, verdict, base, new, judgement, threshold, second))
-    rows.sort(key=lambda r: (VERDICTS.index(r.verdict), -(r.judgement.ratio if r.judgement else 0.0), r.fullname))
-    return Report(baseline, run, rows, alpha)
+        rows.append(Row(fullname, verdict, base, new, judgement, threshold, second, gated))
+    rows.sort(key=lambda r: (VERDICTS.index(r.verdict), not r.gated,
+                             -(r.judgement.ratio if r.judgement else 0.0), r.fullname))
+    return Report(baseline, run, rows, alpha, gate, drift, len(controls))
 
 
 def baseline_for(run: Run, directory: str) -> str:
@@ -333,10 +422,23 @@ def add_parser(subparsers) -> None:
     add_threshold_args(p)
     p.add_argument("--markdown", metavar="OUT", help="also write the verdict table to OUT")
     p.add_argument("--allow-device-mismatch", action="store_true", help="compare runs of different devices")
+    p.add_argument("--gate", metavar="IMPLS", default=",".join(DEFAULT_GATE),
+                   help="comma-separated implementations whose cases can fail (extra_info impl), or 'all'; "
+                   "the others are controls, reported only (default %(default)s)")
+    p.add_argument("--no-drift", action="store_true",
+                   help="do not widen gated cases' thresholds by the controls' drift")
     p.add_argument("--confirm-with", metavar="CMD", help="shell command that times the regressed cases once more, "
                    "with {k} replaced by a pytest -k expression selecting them; a regression stands only if it shows again")
     p.add_argument("--confirm-run", metavar="FILE", help="the run that --confirm-with writes")
     p.set_defaults(func=main)
+
+
+def parse_gate(text: str) -> tuple[str, ...] | None:
+    """--gate: "all" -> None (every case gated), else the named implementations."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise RunError(f"--gate: {text!r} names no implementation (write e.g. fastattn, or all)")
+    return None if names == ("all",) else names
 
 
 def rerun_expression(fullnames) -> str:
@@ -372,11 +474,14 @@ def main(args: argparse.Namespace) -> int:
         baseline = load_run(baseline_for(run, args.baseline_dir) if args.baseline_dir else args.files[0])
         thresholds = load_thresholds(args.thresholds, args.threshold)
         check_alpha(args.alpha)
-        report = compare_runs(baseline, run, thresholds, args.alpha, args.allow_device_mismatch)
+        gate = parse_gate(args.gate)
+        options = dict(gate=gate, drift_from_controls=not args.no_drift)
+        report = compare_runs(baseline, run, thresholds, args.alpha, args.allow_device_mismatch, **options)
         if args.confirm_with and report.count("regression"):
             rerun = confirm_regressions(report, args.confirm_with, args.confirm_run)
             if rerun is not None:
-                report = compare_runs(baseline, run, thresholds, args.alpha, args.allow_device_mismatch, rerun)
+                report = compare_runs(baseline, run, thresholds, args.alpha, args.allow_device_mismatch, rerun,
+                                      **options)
     except RunError as err:
         print(f"compare: {err}", file=sys.stderr)
         return EXIT_UNUSABLE

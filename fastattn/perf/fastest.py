@@ -23,12 +23,14 @@ from fastattn.perf.runs import Run, RunError, load_run, write_atomic
 def fastest_per_case(runs: list[Run]) -> dict:
     """One run's JSON object from runs of one commit on one device: per case, the lowest median.
 
-    The kept record notes how many processes timed the case (``extra_info["processes"]``).
+    The kept record notes how many processes timed the case (``extra_info["processes"]``), their
+    medians (``process_medians``, seconds, in run order) and, with two or more, their spread
+    (``process_spread`` = max / min - 1): the between-process noise the gate judges it against.
     """
     if not runs:
         raise RunError("no runs to combine")
     best: dict[str, tuple[float, dict]] = {}
-    seen: dict[str, int] = {}
+    medians: dict[str, list[float]] = {}
     for run in runs:
         if run.device != runs[0].device:
             raise RunError("the runs to combine come from different devices")
@@ -36,14 +38,18 @@ def fastest_per_case(runs: list[Run]) -> dict:
             raise RunError("the runs to combine come from different commits")
         for bench in run.raw["benchmarks"]:
             name, median = bench["fullname"], run.cases[bench["fullname"]].median
-            seen[name] = seen.get(name, 0) + 1
+            medians.setdefault(name, []).append(median)
             if name not in best or median < best[name][0]:
                 best[name] = (median, bench)
     out = copy.deepcopy(runs[0].raw)
     out["benchmarks"] = []
     for name, (_, bench) in best.items():
         bench = copy.deepcopy(bench)
-        bench.setdefault("extra_info", {})["processes"] = seen[name]
+        info = bench.setdefault("extra_info", {})
+        info["processes"] = len(medians[name])
+        info["process_medians"] = medians[name]
+        if len(medians[name]) > 1:
+            info["process_spread"] = max(medians[name]) / min(medians[name]) - 1.0
         out["benchmarks"].append(bench)
     return out
 

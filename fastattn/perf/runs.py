@@ -134,10 +134,13 @@ def _parse_case(bench, i: int, path: str) -> Case:
 _TIME_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "total")
 
 
-def scaled(raw: dict, factor: float) -> dict:
-    """A copy of a run's JSON object with every time (each round and each statistic) times `factor`."""
+def scaled(raw: dict, factor: float, impl: str | None = None) -> dict:
+    """A copy of a run's JSON object with every time (each round and each statistic) times
+    `factor`; with `impl`, only the cases of that implementation (``extra_info["impl"]``)."""
     out = copy.deepcopy(raw)
     for bench in out["benchmarks"]:
+        if impl is not None and (bench.get("extra_info") or {}).get("impl") != impl:
+            continue
         stats = bench["stats"]
         stats["data"] = [t * factor for t in stats["data"]]
         for key in _TIME_STATS:
