@@ -16,7 +16,7 @@ ON_GPU = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available(
 SHAPES ?= $(if $(ON_GPU),default,smoke)
 RESULTS ?= results
 
-.PHONY: setup test bench bench-check bench-twice fast-transformers build build-cuda lint clean
+.PHONY: setup test bench bench-check bench-twice window-sweep fast-transformers build build-cuda lint clean
 
 setup: $(if $(HAVE_DEPS),,$(VENV)/.installed)
 
@@ -53,6 +53,13 @@ bench: setup
 # What the report and the gate read is in the run: per-round samples, FLOPs, TFLOP/s, device.
 bench-check: setup
 	$(PY) -m fastattn.perf check-json $(RESULTS)/bench.json
+
+# TFLOP/s against window width (the `full` set's causal sweep at L = 32768, D = 128, bf16) for
+# every implementation present: results/windows/{bench.json,windows.md,windows.png}.
+window-sweep: setup
+	$(MAKE) --no-print-directory bench SHAPES=full RESULTS=$(RESULTS)/windows \
+		BENCH_ARGS="-k 'local and bf16 and B1H16L32768D128' $(BENCH_ARGS)"
+	$(PY) -m fastattn.perf windows $(RESULTS)/windows/bench.json --out $(RESULTS)/windows
 
 # Noise check: the same cases twice in a row; prints each median's change (results/noise.md).
 bench-twice: setup

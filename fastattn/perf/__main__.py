@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("compare", "baselines", "history", "report", "check", "fastest")
+COMMANDS = ("compare", "baselines", "history", "report", "check", "fastest", "windows")
 
 
 def main(argv: list[str] | None = None) -> int:

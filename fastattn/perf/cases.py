@@ -5,7 +5,8 @@ A :class:`Case` is an op at one shape and dtype; a benchmark is a case in one di
 
 - ``smoke``: small shapes that run every code path on 2 CPU cores in well under 2 minutes;
 - ``default``: the shapes of issue 6 (what ``make bench`` times on a GPU);
-- ``full``: ``default`` plus sweeps over sequence length, head dim and window width.
+- ``full``: ``default`` plus sweeps over sequence length, head dim and window width, and the
+  window-width sweep of ``python -m fastattn.perf windows`` (:data:`WINDOW_WIDTHS`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,16 @@ def _sweeps() -> list[Case]:
     return [c.with_(directions=DIRECTIONS) for c in cases]
 
 
+# Where each implementation wins as the window widens: causal sliding windows of these widths
+# (keys a query sees: left = width - 1, right = 0, Mistral's form) at L = 32768, D = 128, bf16.
+WINDOW_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+WINDOW_SWEEP_SHAPE = (1, 16, 32768, 128)
+
+
+def window_sweep() -> list[Case]:
+    return [_local(*WINDOW_SWEEP_SHAPE, (width - 1, 0)) for width in WINDOW_WIDTHS]
+
+
 def case_set(name: str) -> list[Case]:
     """The cases of a named set, without duplicates, in a stable order."""
     if name not in SETS:
@@ -156,7 +167,7 @@ def case_set(name: str) -> list[Case]:
     elif name == "default":
         cases = _default()
     else:
-        cases = _default() + _sweeps()
+        cases = _default() + _sweeps() + window_sweep()
     seen, unique = set(), []
     for case in cases:
         if case.id not in seen:
