@@ -71,6 +71,19 @@ struct BwdBlock {
   }
 };
 
+// One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
+// nothing) and rows past L become +inf, so that P = exp2(s - inf) = 0; delta past L is 0.
+struct QueryStats {
+  float lse = 0.f, delta = 0.f;
+
+  QueryStats() = default;
+  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t bh, int64_t i) {
+    const float value = i < p.seq_len ? p.lse[bh * p.seq_len + i] : -INFINITY;
+    lse = value == -INFINITY ? INFINITY : value * kLog2e;
+    delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
+  }
+};
+
 // dK (times the scale) and dV of the lane's two key rows (kw0 + g, kw0 + g + 8); rows past L
 // are not stored.
 template <class Ops, typename T, int D>
@@ -125,8 +138,6 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   const T* kg = head_ptr<T>(p.k, p.k_strides, b, h);
   const T* vg = head_ptr<T>(p.v, p.v_strides, b, h);
   const T* dog = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h);
-  const float* lse_g = p.lse + bh * L;
-  const float* delta_g = p.delta + bh * L;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
   auto load_q_tile = [&](int n) {
@@ -137,11 +148,9 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     load_rows<T, D, kBq, kThreads>(sdO + st * kBq * kLd, kLd, dog, p.grad_out_strides.seq, i0, L,
                                    rows_aligned, tid);
     if (tid < kBq) {
-      const int64_t i = i0 + tid;
-      // lse = -inf (a query that sees nothing) and rows past L become +inf: P = exp2(s - inf) = 0.
-      const float lse = i < L ? lse_g[i] : -INFINITY;
-      sLse[st * kBq + tid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      sDelta[st * kBq + tid] = i < L ? delta_g[i] : 0.f;
+      const QueryStats stats(p, bh, i0 + tid);
+      sLse[st * kBq + tid] = stats.lse;
+      sDelta[st * kBq + tid] = stats.delta;
     }
   };
 
@@ -239,8 +248,8 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
 // 16-byte boundary (vector), each lane reads 16 bytes of both at a time. The same pass zeroes
 // the row's float32 dQ scratch, which the main kernel adds into.
 template <typename T, int kLanes>
-__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, float* __restrict__ dq_accum,
-                                       const bool vector) {
+__global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p,
+                                       float* __restrict__ dq_accum, const bool vector) {
   static_assert(kLanes == 8 || kLanes == 16);
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
@@ -268,7 +277,9 @@ __global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p, float* _
   }
   // Rows of D floats, D a multiple of 4, in a contiguous allocation: whole float4s.
   float4* scratch = reinterpret_cast<float4*>(dq_accum + row * p.head_dim);
-  for (int64_t c = lane; c < p.head_dim / 4; c += kLanes) scratch[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t c = lane; c < p.head_dim / 4; c += kLanes) {
+    scratch[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(group, sum, off);
   if (lane == 0) p.delta[row] = sum - p.grad_lse[row];

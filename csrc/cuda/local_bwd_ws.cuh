@@ -85,7 +85,9 @@ struct WsBwdSmem {
         empty(full + Cfg::kStages) {}
   __device__ __forceinline__ T* q_stage(int s) const { return q + s * Cfg::kBq * D; }
   __device__ __forceinline__ T* do_stage(int s) const { return dout + s * Cfg::kBq * D; }
-  __device__ __forceinline__ T* ds_buffer(int n) const { return ds + (n & 1) * Cfg::kBc * Cfg::kBq; }
+  __device__ __forceinline__ T* ds_buffer(int n) const {
+    return ds + (n & 1) * Cfg::kBc * Cfg::kBq;
+  }
   __device__ __forceinline__ float* dq_half(int wg) const { return dq + wg * 64 * 64; }
   __device__ __forceinline__ float* lse_of(int n) const { return lse + (n & 1) * Cfg::kBq; }
   __device__ __forceinline__ float* delta_of(int n) const { return delta + (n & 1) * Cfg::kBq; }
@@ -111,19 +113,6 @@ __device__ __forceinline__ void ws_bwd_produce(const BwdTensorMaps& maps, const 
     }
   }
 }
-
-// One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
-// nothing) and rows past L become +inf, so that P = exp2(s - inf) = 0; delta past L is 0.
-struct QueryStats {
-  float lse = 0.f, delta = 0.f;
-
-  QueryStats() = default;
-  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t bh, int64_t i) {
-    const float value = i < p.seq_len ? p.lse[bh * p.seq_len + i] : -INFINITY;
-    lse = value == -INFINITY ? INFINITY : value * kLog2e;
-    delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
-  }
-};
 
 // P^T of the warp's 16 keys (kw0 ..) x kBq queries (i0 ..) in place of S^T; element (key
 // kw0 + g + 8 (e >> 1), query i0 + 8 i + 2 t + (e & 1)). lse: the tile's, base 2.
@@ -166,8 +155,8 @@ __device__ __forceinline__ void store_ds_transposed(T* ds, const uint32_t (&dsa)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
-        T* dst = ds + (column_group / 8) * kBc * 64 + row * 64 + (((column_group % 8) ^ (row & 7)) << 3) +
-                 2 * t;
+        const int chunk = (column_group % 8) ^ (row & 7);
+        T* dst = ds + (column_group / 8) * kBc * 64 + row * 64 + (chunk << 3) + 2 * t;
         *reinterpret_cast<uint32_t*>(dst) = dsa[kk][2 * j + r];
       }
     }
