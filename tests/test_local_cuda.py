@@ -93,6 +93,25 @@ def test_mma_sync_backward_where_the_hopper_backward_is_the_default(dtype, head_
     check_against_reference(q, k, v, (100, 7), key_lengths=torch.tensor([333, 200], device="cuda"))
 
 
+# The Hopper backward's other schedules (kernel switches, for comparison with the default):
+# each must stay right. L = 1500 with (333, 400) walks 14 query tiles a key block, more than
+# any ring has stages; key_lengths 1000 puts the padding edge inside a tile.
+HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_LOCKSTEP", "FASTATTN_WS_BWD_DEEP",
+                        "FASTATTN_WS_BWD_3_STAGES", "FASTATTN_WS_BWD_3_STAGES+FASTATTN_WS_BWD_DEEP"]
+
+
+@pytest.mark.parametrize("switches", HOPPER_BWD_SCHEDULES,
+                         ids=lambda s: s.replace("FASTATTN_WS_BWD_", "").lower())
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
+    for name in switches.split("+"):
+        monkeypatch.setenv(name, "1")
+    q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 1500, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, (333, 400),
+                            key_lengths=torch.tensor([1500, 1000], device="cuda"))
+
+
 def _gradients_vs_reference(q, k, v, window, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     grads = torch.autograd.grad(fastattn.local_attention(*leaves, window), leaves, grad_out)

@@ -7,8 +7,11 @@
 #                                   time, so a hung kernel shows), the local attention CUDA tests,
 #                                   and the bf16 probe (every forward kernel vs Flex)
 #   tools/gpu_acceptance.sh backward build fastattn, a one-call smoke run of the backward (bounded
-#                                   time), the local attention CUDA tests, and the bf16 probe
-#                                   (forward+backward of both backward kernels vs Flex)
+#                                   time), the local attention CUDA tests, the bf16 probe
+#                                   (forward+backward of both backward kernels vs Flex) and the
+#                                   backward's per-kernel times
+# Probe options: VARIANTS="" leaves out the older kernels, PROBE_ARGS adds any (--no-flex,
+# --switch LABEL=VAR, ...).
 #   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
 #                                   and truncated-file checks, history; table + chart of the run
 # Logs and results go to $OUT (default results/gpu); a short summary is printed last.
@@ -69,9 +72,14 @@ for d in (64, 128):
     tail -n 12 "$OUT/tests.log"
     variants=--variants
     [ "$1" = backward ] && variants=--bwd-variants
+    variants="${VARIANTS-$variants}"  # VARIANTS="" leaves the older kernels out
     step probe timeout 220 "$PYTHON" tools/local_probe.py $variants --dtype bf16 --no-check ${PROBE_ARGS:-} \
       --samples 15 --json "$OUT/probe.json"
-    tail -n 28 "$OUT/probe.log"
+    tail -n 40 "$OUT/probe.log"
+    if [ "$1" = backward ]; then
+      step breakdown timeout 120 "$PYTHON" tools/bwd_breakdown.py
+      tail -n 12 "$OUT/breakdown.log"
+    fi
     ;;
   bench)
     step gate make --no-print-directory gate-gpu-check PYTHON="$PYTHON" RESULTS=results

@@ -46,17 +46,17 @@ def graph_time_ms(fn, inner: int, samples: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def switched(variable):
-    """A kernel switch set for the duration (launchers read it, also at graph capture); the
-    backward of a fwd+bwd step runs inside it too."""
-    if variable is None:
-        yield
-        return
-    os.environ[variable] = "1"
+def switched(variables):
+    """Kernel switches ("A" or "A+B") set for the duration (launchers read them, also at graph
+    capture); the backward of a fwd+bwd step runs inside them too."""
+    names = variables.split("+") if variables else []
+    for name in names:
+        os.environ[name] = "1"
     try:
         yield
     finally:
-        del os.environ[variable]
+        for name in names:
+            del os.environ[name]
 
 
 def make_flex(case):
@@ -106,7 +106,7 @@ def quick_check() -> list[str]:
     return failures
 
 
-def probe_case(case, inner, samples, with_flex, variants, bwd_variants=False):
+def probe_case(case, inner, samples, with_flex, variants, bwd_variants=False, extra=()):
     b, h, n, d = case.shape
     window, dtype = case.window, case.torch_dtype
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -129,6 +129,9 @@ def probe_case(case, inner, samples, with_flex, variants, bwd_variants=False):
         # The Hopper (wgmma) backward is the default; fa-bmma is the mma.sync backward.
         impls["fa-bmma"] = local
         switches["fa-bmma"] = "FASTATTN_DISABLE_WS_BWD"
+    for label, variables in extra:  # --switch LABEL=VAR[+VAR...]: any other kernel variant
+        impls[label] = local
+        switches[label] = variables
     if with_flex:
         impls["flex"] = make_flex(case)
     rows = []
@@ -181,7 +184,15 @@ def main(argv=None) -> int:
                         help="also time the older forward kernels where the newer one is the default")
     parser.add_argument("--bwd-variants", action="store_true",
                         help="also time the mma.sync backward where the Hopper one is the default")
+    parser.add_argument("--switch", action="append", default=[], metavar="LABEL=VAR[+VAR]",
+                        help="also time fastattn with these kernel switches set (repeatable)")
     args = parser.parse_args(argv)
+    extra = []
+    for item in args.switch:
+        label, sep, variables = item.partition("=")
+        if not sep or not label or not variables:
+            parser.error(f"--switch wants LABEL=VAR[+VAR], got {item!r}")
+        extra.append((label, variables))
 
     if not args.no_check:
         failures = quick_check()
@@ -204,7 +215,8 @@ def main(argv=None) -> int:
         # float16 rows are there to compare with bf16: fastattn's default kernel alone.
         full = case.dtype != "fp16"
         rows += probe_case(case, args.inner, args.samples, full and not args.no_flex,
-                           full and args.variants, full and args.bwd_variants)
+                           full and args.variants, full and args.bwd_variants,
+                           extra if full else ())
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -33,11 +33,22 @@
 
 namespace fastattn::cuda {
 
-template <typename T, int D>
+// How a consumer orders its products across query tiles. kPipeline 0: lockstep, each tile's
+// dQ product waited for and added before the next tile's first product; 1: tile n's dQ is
+// waited for only after tile n + 1's S^T is issued, and staged while it runs; 2: as 1, with
+// dP^T issued before the staging too (both products under it; more live registers). kStages:
+// the Q / dO ring.
+template <int kStages_, int kPipeline_>
+struct WsBwdSchedule {
+  static constexpr int kStages = kStages_, kPipeline = kPipeline_;
+};
+using WsBwdDefaultSchedule = WsBwdSchedule<2, 1>;
+
+template <typename T, int D, class Schedule = WsBwdDefaultSchedule>
 struct WsBwdConfig {
   static constexpr int kThreads = 384, kBc = 128;
   static constexpr int kBq = D == 64 ? 128 : 64;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = Schedule::kStages, kPipeline = Schedule::kPipeline;
   // At D = 128, dV += P^T dO is issued as soon as P^T is packed and runs while dS^T is
   // formed. At D = 64 the S^T and dP^T accumulators are 64 x 128: keeping P^T packed beside
   // them spills, so dS^T is formed first and both register products are issued together.
@@ -55,6 +66,7 @@ struct WsBwdConfig {
   static constexpr size_t kBarrierOffset = kStatsOffset + 4 * kBq * sizeof(float);
   static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * 2 * kStages;
   static_assert(kBq * D == 2 * 64 * 64, "dQ_tile must split into one 64 x 64 half per consumer");
+  static_assert(kSmem <= 227 * 1024, "more shared memory than a Hopper block can have");
 };
 
 struct BwdTensorMaps {
@@ -65,9 +77,9 @@ struct BwdTensorMaps {
 // queries) are D / 64 (kBq / 64) column blocks of rows x 128 bytes in the 128-byte swizzle; each
 // consumer's dQ half is two boxes of 64 rows x 32 floats, also swizzled (bank-conflict free
 // stores of the accumulator fragments).
-template <typename T, int D>
+template <typename T, int D, class Schedule>
 struct WsBwdSmem {
-  using Cfg = WsBwdConfig<T, D>;
+  using Cfg = WsBwdConfig<T, D, Schedule>;
   T *k, *v, *q, *dout, *ds;
   float *dq, *lse, *delta;
   uint64_t *full, *empty;
@@ -94,10 +106,10 @@ struct WsBwdSmem {
 };
 
 // The producer (one thread): every query tile of the band through the ring.
-template <typename T, int D>
+template <typename T, int D, class Schedule>
 __device__ __forceinline__ void ws_bwd_produce(const BwdTensorMaps& maps, const BwdBlock& blk,
-                                               const WsBwdSmem<T, D>& sm) {
-  using Cfg = WsBwdConfig<T, D>;
+                                               const WsBwdSmem<T, D, Schedule>& sm) {
+  using Cfg = WsBwdConfig<T, D, Schedule>;
   constexpr int kBq = Cfg::kBq, kStages = Cfg::kStages;
   const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
   for (int n = 0; n < blk.n_tiles; ++n) {
@@ -178,18 +190,44 @@ __device__ __forceinline__ void stage_dq_half(float* dq, const float (&acc)[8][4
     }
 }
 
+// One consumer's half of a dQ tile on its way to the float32 scratch: staged in shared memory
+// (once the previous reduce-add has read it) and added by one bulk reduce-add per box, which
+// the leader thread issues; rows past L fall outside the head and are skipped by the copy
+// engine.
+struct DqHalfAdder {
+  const CUtensorMap* map;
+  float* stage;
+  int m_block, d_block, head, barrier;
+  bool leader;
+
+  __device__ __forceinline__ void add(const float (&dq)[8][4], int64_t i0, int warp,
+                                      int lane) const {
+    if (leader) bulk_wait_read<0>();
+    named_sync(barrier, 128);
+    stage_dq_half(stage, dq, warp, lane);
+    fence_proxy_async();
+    named_sync(barrier, 128);
+    if (leader) {
+      const int row = static_cast<int>(i0) + m_block * 64;
+      tma_reduce_add_3d(map, stage, d_block * 64, row, head);
+      tma_reduce_add_3d(map, stage + 64 * 32, d_block * 64 + 32, row, head);
+      bulk_commit();
+    }
+  }
+};
+
 // One consumer warpgroup (wg 0 or 1) over the whole band, then the dK / dV store.
-template <typename T, int D>
+template <typename T, int D, class Schedule>
 __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
                                                const BwdTensorMaps& maps, const BwdBlock& blk,
-                                               const WsBwdSmem<T, D>& sm, int wg, int tid) {
-  using Cfg = WsBwdConfig<T, D>;
+                                               const WsBwdSmem<T, D, Schedule>& sm, int wg,
+                                               int tid) {
+  using Cfg = WsBwdConfig<T, D, Schedule>;
   constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kStages = Cfg::kStages;
+  constexpr int kPipeline = Cfg::kPipeline;
   constexpr int kConsumers = 256, kConsumerBarrier = 1;
   const int lane = tid & 31, warp = tid >> 5, t = lane & 3;
   const int ctid = wg * 128 + tid;  // among the consumers
-  const int dq_barrier = 2 + wg;    // this warpgroup's own
-  const bool leader = tid == 0;     // issues this warpgroup's dQ reduce-adds
   const int64_t kw0 = blk.k0 + 64 * wg + 16 * warp;  // this warp's first key
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
@@ -216,7 +254,14 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   const T* v_rows = sm.v + wg * 64 * 64;
   // This consumer's half of dQ_tile: query rows [64 m_block, + 64), columns [64 d_block, + 64).
   const int m_block = kBq == 128 ? wg : 0, d_block = kBq == 128 ? 0 : wg;
-  float* dq_stage = sm.dq_half(wg);
+  const DqHalfAdder dq_adder{&maps.dq, sm.dq_half(wg), m_block, d_block,
+                             static_cast<int>(blk.bh), 2 + wg, tid == 0};
+  // Tells the producer this warp is done with a stage (every product that read it complete).
+  auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.empty[stage]);
+  };
+  float dq[8][4];
 
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
@@ -233,8 +278,27 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     wgmma_fence();
     wgmma_qk<T, D, kBq>(s, k_rows, kBc * 64, q, kBq * 64);
     wgmma_commit();
-    wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
-    wgmma_commit();
+    if constexpr (kPipeline != 1) {
+      wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
+      wgmma_commit();
+    }
+    if constexpr (kPipeline > 0) {
+      if (n > 0) {
+        // The previous tile's dK and dQ (issued before this tile's products) are done: its
+        // stage goes back to the producer and its dQ half is added while S^T (and dP^T) run.
+        wgmma_wait<kPipeline == 1 ? 1 : 2>();
+        fence_accumulators(dq);
+        fence_accumulators(dk);
+        fence_accumulators(dv);
+        release((n - 1) % kStages);
+        dq_adder.add(dq, i0 - kBq, warp, lane);
+      }
+    }
+    if constexpr (kPipeline == 1) {
+      wgmma_fence();
+      wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
+      wgmma_commit();
+    }
     // S^T is ready; dP^T may still run (at D = 128: see kDvOverlap).
     wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
     fence_accumulators(s);
@@ -268,50 +332,46 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       sm.lse_of(n + 1)[ctid] = next.lse;
       sm.delta_of(n + 1)[ctid] = next.delta;
     }
-    // Both halves of dS^T in place (and, through the buffers' alternation, the dQ products of
-    // two tiles ago done with the buffer this tile wrote).
+    // Both halves of dS^T in place. The buffer this tile wrote was last read by the dQ
+    // products of two tiles ago, which each consumer waited for before the previous barrier.
     fence_proxy_async();
     named_sync(kConsumerBarrier, kConsumers);
-    float dq[8][4];
     wgmma_fence();
     wgmma_mn_major<T, kBc>(dq, sm.ds_buffer(n) + m_block * kBc * 64, kBc, sm.k + d_block * kBc * 64,
                            kBc);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators(dq);
-    fence_accumulators(dk);
-    fence_accumulators(dv);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&sm.empty[stage]);  // this warp is done with the stage
-
-    // dQ half -> shared memory (once the previous tile's reduce-add has read it) -> one bulk
-    // reduce-add per box; rows past L fall outside the head and are skipped by the copy engine.
-    if (leader) bulk_wait_read<0>();
-    named_sync(dq_barrier, 128);
-    stage_dq_half(dq_stage, dq, warp, lane);
-    fence_proxy_async();
-    named_sync(dq_barrier, 128);
-    if (leader) {
-      const int row = static_cast<int>(i0) + m_block * 64, head = static_cast<int>(blk.bh);
-      tma_reduce_add_3d(&maps.dq, dq_stage, d_block * 64, row, head);
-      tma_reduce_add_3d(&maps.dq, dq_stage + 64 * 32, d_block * 64 + 32, row, head);
-      bulk_commit();
+    if constexpr (kPipeline == 0) {
+      wgmma_wait<0>();
+      fence_accumulators(dq);
+      fence_accumulators(dk);
+      fence_accumulators(dv);
+      release(stage);
+      dq_adder.add(dq, i0, warp, lane);
     }
   }
-  if (leader) bulk_wait<0>();  // the reduce-adds are done with shared memory before it goes
+  if (blk.n_tiles > 0) {
+    if constexpr (kPipeline > 0) {  // the last tile's dQ is still in flight
+      wgmma_wait<0>();
+      fence_accumulators(dq);
+      fence_accumulators(dk);
+      fence_accumulators(dv);
+      dq_adder.add(dq, blk.qlo + static_cast<int64_t>(blk.n_tiles - 1) * kBq, warp, lane);
+    }
+    if (tid == 0) bulk_wait<0>();  // the reduce-adds are done with shared memory before it goes
+  }
   store_key_rows<HalfOps<T>, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
-template <typename T, int D>
+template <typename T, int D, class Schedule>
 __global__ void __launch_bounds__(384, 1)
     local_bwd_ws_kernel(const __grid_constant__ LocalAttentionBwdParams p,
                         const __grid_constant__ BwdTensorMaps maps, const int64_t k_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = WsBwdConfig<T, D>;
+  using Cfg = WsBwdConfig<T, D, Schedule>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  const WsBwdSmem<T, D> sm(base);
+  const WsBwdSmem<T, D, Schedule> sm(base);
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   const BwdBlock blk(p, blockIdx.x, k_tiles, Cfg::kBc, Cfg::kBq);
   if (threadIdx.x == 0) {
@@ -327,10 +387,10 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
-    if (tid == 0) ws_bwd_produce<T, D>(maps, blk, sm);
+    if (tid == 0) ws_bwd_produce<T, D, Schedule>(maps, blk, sm);
   } else {
     regs_increase<Cfg::kConsumerRegs>();
-    ws_bwd_consume<T, D>(p, maps, blk, sm, warpgroup - 1, tid);
+    ws_bwd_consume<T, D, Schedule>(p, maps, blk, sm, warpgroup - 1, tid);
   }
 #else
   __trap();  // launched only where the sm_90a code is present (see use_wgmma)
@@ -341,12 +401,28 @@ __global__ void __launch_bounds__(384, 1)
 // mma.sync backward instead (for comparison).
 inline bool use_ws_backward() { return !switch_set("FASTATTN_DISABLE_WS_BWD"); }
 
+template <typename T, int D, class Schedule>
+cudaError_t launch_bwd_ws_kernel(const LocalAttentionBwdParams& p, const BwdTensorMaps& maps,
+                                 cudaStream_t stream) {
+  using Cfg = WsBwdConfig<T, D, Schedule>;
+  auto kernel = local_bwd_ws_kernel<T, D, Schedule>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
+      p, maps, k_tiles);
+  return cudaGetLastError();
+}
+
 // Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
-// otherwise.
+// otherwise. The schedule is WsBwdDefaultSchedule unless a switch names another (for
+// comparison): FASTATTN_WS_BWD_LOCKSTEP, FASTATTN_WS_BWD_DEEP (kPipeline 0, 2),
+// FASTATTN_WS_BWD_3_STAGES (D = 128 only).
 template <typename T, int D>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
-  using Cfg = WsBwdConfig<T, D>;
+  using Cfg = WsBwdConfig<T, D>;  // kBq does not depend on the schedule
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   BwdTensorMaps maps;
   if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
@@ -356,14 +432,23 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
       !encode_dq_map(&maps.dq, dq_accum, p.batch * p.heads, p.seq_len, D, 64)) {
     return false;
   }
-  auto kernel = local_bwd_ws_kernel<T, D>;
-  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(Cfg::kSmem));
-  if (*err != cudaSuccess) return true;
-  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
-  kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
-      p, maps, k_tiles);
-  *err = cudaGetLastError();
+  const int pipeline = switch_set("FASTATTN_WS_BWD_LOCKSTEP") ? 0
+                       : switch_set("FASTATTN_WS_BWD_DEEP")   ? 2
+                                                              : WsBwdDefaultSchedule::kPipeline;
+  // A third stage fits in shared memory only at D = 128 (at D = 64 dS^T is twice as large).
+  if constexpr (D == 128) {
+    if (switch_set("FASTATTN_WS_BWD_3_STAGES")) {
+      *err = pipeline == 0   ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 0>>(p, maps, stream)
+             : pipeline == 2 ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 2>>(p, maps, stream)
+                             : launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 1>>(p, maps, stream);
+      return true;
+    }
+  }
+  {
+    *err = pipeline == 0   ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 0>>(p, maps, stream)
+           : pipeline == 2 ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 2>>(p, maps, stream)
+                           : launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 1>>(p, maps, stream);
+  }
   return true;
 }
 
