@@ -95,9 +95,12 @@ def test_mma_sync_backward_where_the_hopper_backward_is_the_default(dtype, head_
 
 # The Hopper backward's other schedules (kernel switches, for comparison with the default):
 # each must stay right. L = 1500 with (333, 400) walks 14 query tiles a key block, more than
-# any ring has stages; key_lengths 1000 puts the padding edge inside a tile.
-HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_LOCKSTEP", "FASTATTN_WS_BWD_DEEP",
-                        "FASTATTN_WS_BWD_3_STAGES", "FASTATTN_WS_BWD_3_STAGES+FASTATTN_WS_BWD_DEEP"]
+# the ring has stages; key_lengths 1000 puts the padding edge inside a tile, 0 leaves blocks
+# with no tile at all (the writer warp must not wait for them).
+HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_DK_AFTER_DQ", "FASTATTN_WS_BWD_SPLIT_DK",
+                        "FASTATTN_WS_BWD_DQ_WRITER",
+                        "FASTATTN_WS_BWD_DQ_WRITER+FASTATTN_WS_BWD_DK_AFTER_DQ",
+                        "FASTATTN_WS_BWD_DQ_WRITER+FASTATTN_WS_BWD_SPLIT_DK"]
 
 
 @pytest.mark.parametrize("switches", HOPPER_BWD_SCHEDULES,
@@ -107,9 +110,9 @@ HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_LOCKSTEP", "FASTATTN_WS_BWD_DEEP",
 def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
     for name in switches.split("+"):
         monkeypatch.setenv(name, "1")
-    q, k, v = (nan_padded(t) for t in make_qkv(2, 2, 1500, head_dim, dtype, device="cuda"))
+    q, k, v = (nan_padded(t) for t in make_qkv(3, 2, 1500, head_dim, dtype, device="cuda"))
     check_against_reference(q, k, v, (333, 400),
-                            key_lengths=torch.tensor([1500, 1000], device="cuda"))
+                            key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))
 
 
 def _gradients_vs_reference(q, k, v, window, grad_out):

@@ -33,22 +33,30 @@
 
 namespace fastattn::cuda {
 
-// How a consumer orders its products across query tiles. kPipeline 0: lockstep, each tile's
-// dQ product waited for and added before the next tile's first product; 1: tile n's dQ is
-// waited for only after tile n + 1's S^T is issued, and staged while it runs; 2: as 1, with
-// dP^T issued before the staging too (both products under it; more live registers). kStages:
-// the Q / dO ring.
-template <int kStages_, int kPipeline_>
+// How a consumer orders a tile's last products, and who adds its dQ half into the scratch.
+// kOrder: kLockstep issues dK before the consumers' barrier and waits for everything after the
+// dQ product, then stages dQ; kDkAfterDq issues dK after dQ (FlashAttention-3's order) and
+// stages dQ while dK runs; kSplitDk (D = 128) issues half of dK's columns before the barrier and
+// half after dQ, under the staging. kDqWriter: a warp of the producer warpgroup issues the
+// reduce-adds, so a consumer only waits for its staging buffer to be free (a named barrier
+// with that warp) instead of for its slowest warp.
+enum class BwdOrder { kLockstep, kDkAfterDq, kSplitDk };
+template <BwdOrder kOrder_, bool kDqWriter_>
 struct WsBwdSchedule {
-  static constexpr int kStages = kStages_, kPipeline = kPipeline_;
+  static constexpr BwdOrder kOrder = kOrder_;
+  static constexpr bool kDqWriter = kDqWriter_;
 };
-using WsBwdDefaultSchedule = WsBwdSchedule<2, 1>;
+using WsBwdDefaultSchedule = WsBwdSchedule<BwdOrder::kLockstep, false>;
 
 template <typename T, int D, class Schedule = WsBwdDefaultSchedule>
 struct WsBwdConfig {
   static constexpr int kThreads = 384, kBc = 128;
   static constexpr int kBq = D == 64 ? 128 : 64;
-  static constexpr int kStages = Schedule::kStages, kPipeline = Schedule::kPipeline;
+  static constexpr int kStages = 2;  // 3 at D = 128 measured no faster (kernel-notes)
+  static constexpr BwdOrder kOrder = D == 128 || Schedule::kOrder != BwdOrder::kSplitDk
+                                         ? Schedule::kOrder
+                                         : BwdOrder::kDkAfterDq;  // dK is 64 columns at D = 64
+  static constexpr bool kDqWriter = Schedule::kDqWriter;
   // At D = 128, dV += P^T dO is issued as soon as P^T is packed and runs while dS^T is
   // formed. At D = 64 the S^T and dP^T accumulators are 64 x 128: keeping P^T packed beside
   // them spills, so dS^T is formed first and both register products are issued together.
@@ -190,31 +198,90 @@ __device__ __forceinline__ void stage_dq_half(float* dq, const float (&acc)[8][4
     }
 }
 
-// One consumer's half of a dQ tile on its way to the float32 scratch: staged in shared memory
-// (once the previous reduce-add has read it) and added by one bulk reduce-add per box, which
-// the leader thread issues; rows past L fall outside the head and are skipped by the copy
-// engine.
+// Named barriers: 1 between the two consumers (dS^T in place); per consumer wg, 2 + wg among
+// its own warps (no writer warp), or 2 + wg "dQ half staged" and 4 + wg "staging buffer free"
+// between it and the writer warp (128 + 32 threads).
+constexpr int kConsumerBarrier = 1, kWriterThreads = 160;
+__device__ __forceinline__ int dq_staged_barrier(int wg) { return 2 + wg; }
+__device__ __forceinline__ int dq_free_barrier(int wg) { return 4 + wg; }
+
+// The two boxes of one consumer's dQ half (query rows i0 + 64 m_block .., columns
+// 64 d_block ..) added into the float32 scratch from its staging buffer, as one bulk group;
+// rows past L fall outside the head and are skipped by the copy engine.
+__device__ __forceinline__ void reduce_add_dq_half(const CUtensorMap* map, const float* stage,
+                                                   int64_t i0, int m_block, int d_block,
+                                                   int head) {
+  const int row = static_cast<int>(i0) + m_block * 64;
+  tma_reduce_add_3d(map, stage, d_block * 64, row, head);
+  tma_reduce_add_3d(map, stage + 64 * 32, d_block * 64 + 32, row, head);
+  bulk_commit();
+}
+
+// This consumer's half of dQ_tile: query rows [64 m_block, + 64), columns [64 d_block, + 64)
+// (by rows at D = 64 where kBq = 128, by columns at D = 128 where kBq = 64).
+template <int kBq>
+__device__ __forceinline__ int dq_m_block(int wg) { return kBq == 128 ? wg : 0; }
+template <int kBq>
+__device__ __forceinline__ int dq_d_block(int wg) { return kBq == 128 ? 0 : wg; }
+
+// One consumer's half of a dQ tile on its way to the scratch: staged in shared memory once the
+// previous tile's reduce-add has read the buffer, then added, by the leader thread or (kWriter)
+// by the writer warp.
+template <bool kWriter>
 struct DqHalfAdder {
   const CUtensorMap* map;
   float* stage;
-  int m_block, d_block, head, barrier;
+  int wg, m_block, d_block, head;
   bool leader;
 
   __device__ __forceinline__ void add(const float (&dq)[8][4], int64_t i0, int warp,
                                       int lane) const {
-    if (leader) bulk_wait_read<0>();
-    named_sync(barrier, 128);
-    stage_dq_half(stage, dq, warp, lane);
-    fence_proxy_async();
-    named_sync(barrier, 128);
-    if (leader) {
-      const int row = static_cast<int>(i0) + m_block * 64;
-      tma_reduce_add_3d(map, stage, d_block * 64, row, head);
-      tma_reduce_add_3d(map, stage + 64 * 32, d_block * 64 + 32, row, head);
-      bulk_commit();
+    if constexpr (kWriter) {
+      named_sync(dq_free_barrier(wg), kWriterThreads);
+      stage_dq_half(stage, dq, warp, lane);
+      fence_proxy_async();
+      named_arrive(dq_staged_barrier(wg), kWriterThreads);
+    } else {
+      if (leader) bulk_wait_read<0>();
+      named_sync(dq_staged_barrier(wg), 128);
+      stage_dq_half(stage, dq, warp, lane);
+      fence_proxy_async();
+      named_sync(dq_staged_barrier(wg), 128);
+      if (leader) reduce_add_dq_half(map, stage, i0, m_block, d_block, head);
     }
   }
 };
+
+// The writer warp (kDqWriter): for every tile, both consumers' dQ halves as they are staged;
+// a buffer is handed back as soon as its reduce-add has read it.
+template <typename T, int D, class Schedule>
+__device__ __forceinline__ void ws_bwd_write_dq(const BwdTensorMaps& maps, const BwdBlock& blk,
+                                                const WsBwdSmem<T, D, Schedule>& sm, int lane) {
+  constexpr int kBq = WsBwdConfig<T, D, Schedule>::kBq;
+  if (blk.n_tiles == 0) return;
+  const int head = static_cast<int>(blk.bh);
+  named_arrive(dq_free_barrier(0), kWriterThreads);
+  named_arrive(dq_free_barrier(1), kWriterThreads);
+  for (int n = 0; n < blk.n_tiles; ++n) {
+    const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
+#pragma unroll
+    for (int wg = 0; wg < 2; ++wg) {
+      named_sync(dq_staged_barrier(wg), kWriterThreads);
+      if (lane == 0) {
+        reduce_add_dq_half(&maps.dq, sm.dq_half(wg), i0, dq_m_block<kBq>(wg),
+                           dq_d_block<kBq>(wg), head);
+      }
+    }
+    // Each consumer's next staging waits for its buffer (one arrival per tile it stages).
+    if (lane == 0) bulk_wait_read<1>();
+    __syncwarp();
+    if (n + 1 < blk.n_tiles) named_arrive(dq_free_barrier(0), kWriterThreads);
+    if (lane == 0) bulk_wait_read<0>();
+    __syncwarp();
+    if (n + 1 < blk.n_tiles) named_arrive(dq_free_barrier(1), kWriterThreads);
+  }
+  if (lane == 0) bulk_wait<0>();
+}
 
 // One consumer warpgroup (wg 0 or 1) over the whole band, then the dK / dV store.
 template <typename T, int D, class Schedule>
@@ -224,8 +291,8 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
                                                int tid) {
   using Cfg = WsBwdConfig<T, D, Schedule>;
   constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kStages = Cfg::kStages;
-  constexpr int kPipeline = Cfg::kPipeline;
-  constexpr int kConsumers = 256, kConsumerBarrier = 1;
+  constexpr BwdOrder kOrder = Cfg::kOrder;
+  constexpr int kConsumers = 256;
   const int lane = tid & 31, warp = tid >> 5, t = lane & 3;
   const int ctid = wg * 128 + tid;  // among the consumers
   const int64_t kw0 = blk.k0 + 64 * wg + 16 * warp;  // this warp's first key
@@ -252,16 +319,9 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const T* k_rows = sm.k + wg * 64 * 64;  // this warpgroup's 64 keys of each column block
   const T* v_rows = sm.v + wg * 64 * 64;
-  // This consumer's half of dQ_tile: query rows [64 m_block, + 64), columns [64 d_block, + 64).
-  const int m_block = kBq == 128 ? wg : 0, d_block = kBq == 128 ? 0 : wg;
-  const DqHalfAdder dq_adder{&maps.dq, sm.dq_half(wg), m_block, d_block,
-                             static_cast<int>(blk.bh), 2 + wg, tid == 0};
-  // Tells the producer this warp is done with a stage (every product that read it complete).
-  auto release = [&](int stage) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&sm.empty[stage]);
-  };
-  float dq[8][4];
+  const int m_block = dq_m_block<kBq>(wg), d_block = dq_d_block<kBq>(wg);
+  const DqHalfAdder<Cfg::kDqWriter> dq_adder{&maps.dq, sm.dq_half(wg), wg, m_block, d_block,
+                                             static_cast<int>(blk.bh), tid == 0};
 
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
@@ -278,27 +338,8 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     wgmma_fence();
     wgmma_qk<T, D, kBq>(s, k_rows, kBc * 64, q, kBq * 64);
     wgmma_commit();
-    if constexpr (kPipeline != 1) {
-      wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
-      wgmma_commit();
-    }
-    if constexpr (kPipeline > 0) {
-      if (n > 0) {
-        // The previous tile's dK and dQ (issued before this tile's products) are done: its
-        // stage goes back to the producer and its dQ half is added while S^T (and dP^T) run.
-        wgmma_wait<kPipeline == 1 ? 1 : 2>();
-        fence_accumulators(dq);
-        fence_accumulators(dk);
-        fence_accumulators(dv);
-        release((n - 1) % kStages);
-        dq_adder.add(dq, i0 - kBq, warp, lane);
-      }
-    }
-    if constexpr (kPipeline == 1) {
-      wgmma_fence();
-      wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
-      wgmma_commit();
-    }
+    wgmma_qk<T, D, kBq>(dp, v_rows, kBc * 64, dout, kBq * 64);
+    wgmma_commit();
     // S^T is ready; dP^T may still run (at D = 128: see kDvOverlap).
     wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
     fence_accumulators(s);
@@ -324,41 +365,53 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     uint32_t dsa[kBq / 16][4];
     pack_probabilities<T, kBq>(dsa, dp);
     store_ds_transposed<T, kBc, kBq>(sm.ds_buffer(n), dsa, 64 * wg + 16 * warp, lane);
+    // dK += dS^T Q (the scale is applied once, at the store): all of it, half of its columns
+    // or none of it before the barrier, the rest after the dQ product.
+    float(&dk_lo)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[0]);
+    float(&dk_hi)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[D / 8 - 8]);
     wgmma_fence();
     if constexpr (!Cfg::kDvOverlap) wgmma_pv<T, D, kBq>(dv, pa, dout);
-    wgmma_pv<T, D, kBq>(dk, dsa, q);  // the scale is applied once, at the store
+    if constexpr (kOrder == BwdOrder::kLockstep) wgmma_pv<T, D, kBq>(dk, dsa, q);
+    if constexpr (kOrder == BwdOrder::kSplitDk) wgmma_pv<T, 64, kBq>(dk_lo, dsa, q);
     wgmma_commit();
     if (stats_loader) {
       sm.lse_of(n + 1)[ctid] = next.lse;
       sm.delta_of(n + 1)[ctid] = next.delta;
     }
-    // Both halves of dS^T in place. The buffer this tile wrote was last read by the dQ
-    // products of two tiles ago, which each consumer waited for before the previous barrier.
+    // Both halves of dS^T in place (and, through the buffers' alternation, the dQ products of
+    // two tiles ago done with the buffer this tile wrote).
     fence_proxy_async();
     named_sync(kConsumerBarrier, kConsumers);
+    float dq[8][4];
     wgmma_fence();
     wgmma_mn_major<T, kBc>(dq, sm.ds_buffer(n) + m_block * kBc * 64, kBc, sm.k + d_block * kBc * 64,
                            kBc);
     wgmma_commit();
-    if constexpr (kPipeline == 0) {
-      wgmma_wait<0>();
-      fence_accumulators(dq);
+    // This warp is done with the stage once every product that read it is.
+    auto release_stage = [&] {
       fence_accumulators(dk);
       fence_accumulators(dv);
-      release(stage);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.empty[stage]);
+    };
+    if constexpr (kOrder == BwdOrder::kLockstep) {
+      wgmma_wait<0>();
+      fence_accumulators(dq);
+      release_stage();
       dq_adder.add(dq, i0, warp, lane);
-    }
-  }
-  if (blk.n_tiles > 0) {
-    if constexpr (kPipeline > 0) {  // the last tile's dQ is still in flight
-      wgmma_wait<0>();
+    } else {
+      if constexpr (kOrder == BwdOrder::kDkAfterDq) wgmma_pv<T, D, kBq>(dk, dsa, q);
+      if constexpr (kOrder == BwdOrder::kSplitDk) wgmma_pv<T, 64, kBq>(dk_hi, dsa, q + kBq * 64);
+      wgmma_commit();
+      wgmma_wait<1>();  // dQ is ready; dK still runs while dQ is staged
       fence_accumulators(dq);
-      fence_accumulators(dk);
-      fence_accumulators(dv);
-      dq_adder.add(dq, blk.qlo + static_cast<int64_t>(blk.n_tiles - 1) * kBq, warp, lane);
+      dq_adder.add(dq, i0, warp, lane);
+      wgmma_wait<0>();
+      release_stage();
     }
-    if (tid == 0) bulk_wait<0>();  // the reduce-adds are done with shared memory before it goes
   }
+  // The reduce-adds are done with shared memory before it goes (the writer warp waits itself).
+  if (!Cfg::kDqWriter && tid == 0 && blk.n_tiles > 0) bulk_wait<0>();
   store_key_rows<HalfOps<T>, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
@@ -388,6 +441,7 @@ __global__ void __launch_bounds__(384, 1)
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
     if (tid == 0) ws_bwd_produce<T, D, Schedule>(maps, blk, sm);
+    if (Cfg::kDqWriter && tid / 32 == 1) ws_bwd_write_dq<T, D, Schedule>(maps, blk, sm, tid % 32);
   } else {
     regs_increase<Cfg::kConsumerRegs>();
     ws_bwd_consume<T, D, Schedule>(p, maps, blk, sm, warpgroup - 1, tid);
@@ -416,9 +470,9 @@ cudaError_t launch_bwd_ws_kernel(const LocalAttentionBwdParams& p, const BwdTens
 }
 
 // Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
-// otherwise. The schedule is WsBwdDefaultSchedule unless a switch names another (for
-// comparison): FASTATTN_WS_BWD_LOCKSTEP, FASTATTN_WS_BWD_DEEP (kPipeline 0, 2),
-// FASTATTN_WS_BWD_3_STAGES (D = 128 only).
+// otherwise. The schedule is WsBwdDefaultSchedule unless switches name another (for
+// comparison): FASTATTN_WS_BWD_DK_AFTER_DQ or FASTATTN_WS_BWD_SPLIT_DK (the order; the latter
+// only differs at D = 128), FASTATTN_WS_BWD_DQ_WRITER (the writer warp).
 template <typename T, int D>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
@@ -432,22 +486,23 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
       !encode_dq_map(&maps.dq, dq_accum, p.batch * p.heads, p.seq_len, D, 64)) {
     return false;
   }
-  const int pipeline = switch_set("FASTATTN_WS_BWD_LOCKSTEP") ? 0
-                       : switch_set("FASTATTN_WS_BWD_DEEP")   ? 2
-                                                              : WsBwdDefaultSchedule::kPipeline;
-  // A third stage fits in shared memory only at D = 128 (at D = 64 dS^T is twice as large).
-  if constexpr (D == 128) {
-    if (switch_set("FASTATTN_WS_BWD_3_STAGES")) {
-      *err = pipeline == 0   ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 0>>(p, maps, stream)
-             : pipeline == 2 ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 2>>(p, maps, stream)
-                             : launch_bwd_ws_kernel<T, D, WsBwdSchedule<3, 1>>(p, maps, stream);
-      return true;
-    }
-  }
-  {
-    *err = pipeline == 0   ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 0>>(p, maps, stream)
-           : pipeline == 2 ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 2>>(p, maps, stream)
-                           : launch_bwd_ws_kernel<T, D, WsBwdSchedule<2, 1>>(p, maps, stream);
+  using Order = BwdOrder;
+  const Order order = switch_set("FASTATTN_WS_BWD_SPLIT_DK")      ? Order::kSplitDk
+                      : switch_set("FASTATTN_WS_BWD_DK_AFTER_DQ") ? Order::kDkAfterDq
+                                                                  : WsBwdDefaultSchedule::kOrder;
+  const bool writer = switch_set("FASTATTN_WS_BWD_DQ_WRITER") || WsBwdDefaultSchedule::kDqWriter;
+  if (writer) {
+    *err = order == Order::kSplitDk
+               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kSplitDk, true>>(p, maps, stream)
+           : order == Order::kDkAfterDq
+               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kDkAfterDq, true>>(p, maps, stream)
+               : launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kLockstep, true>>(p, maps, stream);
+  } else {
+    *err = order == Order::kSplitDk
+               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kSplitDk, false>>(p, maps, stream)
+           : order == Order::kDkAfterDq
+               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kDkAfterDq, false>>(p, maps, stream)
+               : launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kLockstep, false>>(p, maps, stream);
   }
   return true;
 }
