@@ -97,10 +97,10 @@ def test_mma_sync_backward_where_the_hopper_backward_is_the_default(dtype, head_
 # each must stay right. L = 1500 with (333, 400) walks 14 query tiles a key block, more than
 # the ring has stages; key_lengths 1000 puts the padding edge inside a tile, 0 leaves blocks
 # with no tile at all (the writer warp must not wait for them).
-HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_DK_AFTER_DQ", "FASTATTN_WS_BWD_SPLIT_DK",
-                        "FASTATTN_WS_BWD_DQ_WRITER",
-                        "FASTATTN_WS_BWD_DQ_WRITER+FASTATTN_WS_BWD_DK_AFTER_DQ",
-                        "FASTATTN_WS_BWD_DQ_WRITER+FASTATTN_WS_BWD_SPLIT_DK"]
+HOPPER_BWD_SCHEDULES = ["FASTATTN_WS_BWD_LOCKSTEP", "FASTATTN_WS_BWD_DK_AFTER_DQ",
+                        "FASTATTN_WS_BWD_NO_DQ_WRITER",
+                        "FASTATTN_WS_BWD_NO_DQ_WRITER+FASTATTN_WS_BWD_LOCKSTEP",
+                        "FASTATTN_WS_BWD_NO_DQ_WRITER+FASTATTN_WS_BWD_DK_AFTER_DQ"]
 
 
 @pytest.mark.parametrize("switches", HOPPER_BWD_SCHEDULES,

@@ -14,10 +14,12 @@
 //   dS^T = P^T (dP^T - delta);         dK += dS^T Q                        (dS^T in registers)
 // dS^T also goes to shared memory (two buffers, alternating), and after one barrier between
 // the consumers each computes half of dQ_tile = dS K (kBq x D: by query rows at D = 64 where
-// kBq = 128, by columns of D at D = 128 where kBq = 64), stages it in shared memory and adds it
-// into the float32 (B, H, L, D) scratch with one bulk reduce-add (TMA), which the L2 applies
-// far faster than per-thread atomics (kernel-notes: 30% of the kernel's time at D = 128). The
-// additions land in no fixed order: dQ is not bitwise reproducible; dK and dV are.
+// kBq = 128, by columns of D at D = 128 where kBq = 64) and stages it in shared memory, while
+// the rest of dK runs (half of dK's columns go before the barrier, half after dQ: kSplitDk); a
+// writer warp of the producer warpgroup adds it into the float32 (B, H, L, D) scratch with one
+// bulk reduce-add (TMA) per box, which the L2 applies far faster than per-thread atomics
+// (kernel-notes: 30% of the kernel's time at D = 128). The additions land in no fixed order:
+// dQ is not bitwise reproducible; dK and dV are.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -46,7 +48,7 @@ struct WsBwdSchedule {
   static constexpr BwdOrder kOrder = kOrder_;
   static constexpr bool kDqWriter = kDqWriter_;
 };
-using WsBwdDefaultSchedule = WsBwdSchedule<BwdOrder::kLockstep, false>;
+using WsBwdDefaultSchedule = WsBwdSchedule<BwdOrder::kSplitDk, true>;  // measured fastest
 
 template <typename T, int D, class Schedule = WsBwdDefaultSchedule>
 struct WsBwdConfig {
@@ -469,10 +471,26 @@ cudaError_t launch_bwd_ws_kernel(const LocalAttentionBwdParams& p, const BwdTens
   return cudaGetLastError();
 }
 
+template <typename T, int D, bool kDqWriter>
+cudaError_t launch_bwd_ws_order(BwdOrder order, const LocalAttentionBwdParams& p,
+                                const BwdTensorMaps& maps, cudaStream_t stream) {
+  switch (order) {
+    case BwdOrder::kLockstep:
+      return launch_bwd_ws_kernel<T, D, WsBwdSchedule<BwdOrder::kLockstep, kDqWriter>>(p, maps,
+                                                                                      stream);
+    case BwdOrder::kDkAfterDq:
+      return launch_bwd_ws_kernel<T, D, WsBwdSchedule<BwdOrder::kDkAfterDq, kDqWriter>>(p, maps,
+                                                                                       stream);
+    default:
+      return launch_bwd_ws_kernel<T, D, WsBwdSchedule<BwdOrder::kSplitDk, kDqWriter>>(p, maps,
+                                                                                     stream);
+  }
+}
+
 // Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
 // otherwise. The schedule is WsBwdDefaultSchedule unless switches name another (for
-// comparison): FASTATTN_WS_BWD_DK_AFTER_DQ or FASTATTN_WS_BWD_SPLIT_DK (the order; the latter
-// only differs at D = 128), FASTATTN_WS_BWD_DQ_WRITER (the writer warp).
+// comparison): FASTATTN_WS_BWD_LOCKSTEP or FASTATTN_WS_BWD_DK_AFTER_DQ (the order),
+// FASTATTN_WS_BWD_NO_DQ_WRITER (the consumers' leaders issue the reduce-adds).
 template <typename T, int D>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
@@ -487,23 +505,13 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
     return false;
   }
   using Order = BwdOrder;
-  const Order order = switch_set("FASTATTN_WS_BWD_SPLIT_DK")      ? Order::kSplitDk
+  const Order order = switch_set("FASTATTN_WS_BWD_LOCKSTEP")      ? Order::kLockstep
                       : switch_set("FASTATTN_WS_BWD_DK_AFTER_DQ") ? Order::kDkAfterDq
                                                                   : WsBwdDefaultSchedule::kOrder;
-  const bool writer = switch_set("FASTATTN_WS_BWD_DQ_WRITER") || WsBwdDefaultSchedule::kDqWriter;
-  if (writer) {
-    *err = order == Order::kSplitDk
-               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kSplitDk, true>>(p, maps, stream)
-           : order == Order::kDkAfterDq
-               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kDkAfterDq, true>>(p, maps, stream)
-               : launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kLockstep, true>>(p, maps, stream);
-  } else {
-    *err = order == Order::kSplitDk
-               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kSplitDk, false>>(p, maps, stream)
-           : order == Order::kDkAfterDq
-               ? launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kDkAfterDq, false>>(p, maps, stream)
-               : launch_bwd_ws_kernel<T, D, WsBwdSchedule<Order::kLockstep, false>>(p, maps, stream);
-  }
+  const bool writer =
+      WsBwdDefaultSchedule::kDqWriter && !switch_set("FASTATTN_WS_BWD_NO_DQ_WRITER");
+  *err = writer ? launch_bwd_ws_order<T, D, true>(order, p, maps, stream)
+                : launch_bwd_ws_order<T, D, false>(order, p, maps, stream);
   return true;
 }
 
