@@ -24,12 +24,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 #include "cuda/hopper_sync.cuh"
 #include "cuda/kernel_switches.h"
 #include "cuda/local_bwd.cuh"
 #include "cuda/local_fwd.cuh"
+#include "cuda/phase_trace.cuh"
 #include "cuda/tensor_map.h"
 #include "cuda/wgmma.cuh"
 
@@ -43,10 +45,12 @@ namespace fastattn::cuda {
 // reduce-adds, so a consumer only waits for its staging buffer to be free (a named barrier
 // with that warp) instead of for its slowest warp.
 enum class BwdOrder { kLockstep, kDkAfterDq, kSplitDk };
-template <BwdOrder kOrder_, bool kDqWriter_>
+// kTrace: per-phase cycle counts of each consumer's first warp printed for a few blocks
+// (FASTATTN_WS_BWD_TRACE, bfloat16, the default order; a development aid).
+template <BwdOrder kOrder_, bool kDqWriter_, bool kTrace_ = false>
 struct WsBwdSchedule {
   static constexpr BwdOrder kOrder = kOrder_;
-  static constexpr bool kDqWriter = kDqWriter_;
+  static constexpr bool kDqWriter = kDqWriter_, kTrace = kTrace_;
 };
 using WsBwdDefaultSchedule = WsBwdSchedule<BwdOrder::kSplitDk, true>;  // measured fastest
 
@@ -324,6 +328,11 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   const int m_block = dq_m_block<kBq>(wg), d_block = dq_d_block<kBq>(wg);
   const DqHalfAdder<Cfg::kDqWriter> dq_adder{&maps.dq, sm.dq_half(wg), wg, m_block, d_block,
                                              static_cast<int>(blk.bh), tid == 0};
+  // wait for the stage, S^T ready, softmax (+ dV issued), dP^T ready, dS^T (stored, dK
+  // issued), barrier, dQ ready, dQ staged, the tile's products done.
+  enum Phase { kWaitStage, kS, kSoftmax, kDp, kDs, kBarrier, kDq, kStage, kDone, kPhases };
+  PhaseTrace<kPhases, Schedule::kTrace> trace;
+  trace.start();
 
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
@@ -333,6 +342,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     const bool stats_loader = ctid < kBq && n + 1 < blk.n_tiles;
     const QueryStats next = stats_loader ? QueryStats(p, blk.bh, i0 + kBq + ctid) : QueryStats();
     mbar_wait(&sm.full[stage], (n / kStages) & 1);
+    trace.mark(kWaitStage);
     const T* q = sm.q_stage(stage);
     const T* dout = sm.do_stage(stage);
 
@@ -345,6 +355,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     // S^T is ready; dP^T may still run (at D = 128: see kDvOverlap).
     wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
     fence_accumulators(s);
+    trace.mark(kS);
     bwd_probabilities<kBq>(s, sm.lse_of(n), p, blk.keys, kw0, i0, scale_log2, lane);
     uint32_t pa[kBq / 16][4];
     if constexpr (Cfg::kDvOverlap) {
@@ -352,9 +363,11 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       wgmma_fence();
       wgmma_pv<T, D, kBq>(dv, pa, dout);
       wgmma_commit();
+      trace.mark(kSoftmax);
       wgmma_wait<1>();  // dP^T is ready; dV may still run
     }
     fence_accumulators(dp);
+    trace.mark(kDp);
 
     const float* delta = sm.delta_of(n);
 #pragma unroll
@@ -383,7 +396,9 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     // Both halves of dS^T in place (and, through the buffers' alternation, the dQ products of
     // two tiles ago done with the buffer this tile wrote).
     fence_proxy_async();
+    trace.mark(kDs);
     named_sync(kConsumerBarrier, kConsumers);
+    trace.mark(kBarrier);
     float dq[8][4];
     wgmma_fence();
     wgmma_mn_major<T, kBc>(dq, sm.ds_buffer(n) + m_block * kBc * 64, kBc, sm.k + d_block * kBc * 64,
@@ -407,9 +422,23 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       wgmma_commit();
       wgmma_wait<1>();  // dQ is ready; dK still runs while dQ is staged
       fence_accumulators(dq);
+      trace.mark(kDq);
       dq_adder.add(dq, i0, warp, lane);
+      trace.mark(kStage);
       wgmma_wait<0>();
       release_stage();
+      trace.mark(kDone);
+    }
+  }
+  if constexpr (Schedule::kTrace) {
+    // A few blocks spread over the grid (and the launch's waves), one line per consumer.
+    if (tid == 0 && blk.n_tiles > 0 && blockIdx.x % (gridDim.x / 4 + 1) == 0) {
+      const auto per = [&](int ph) { return trace.sum[ph] / blk.n_tiles; };
+      printf("ws_bwd trace D=%d block %u wg %d tiles %d cycles/tile: wait %llu S %llu softmax "
+             "%llu dP %llu dS %llu barrier %llu dQ %llu stage %llu done %llu | loop %llu\n",
+             D, blockIdx.x, wg, blk.n_tiles, per(kWaitStage), per(kS), per(kSoftmax), per(kDp),
+             per(kDs), per(kBarrier), per(kDq), per(kStage), per(kDone),
+             (trace.last - trace.first) / blk.n_tiles);
     }
   }
   // The reduce-adds are done with shared memory before it goes (the writer warp waits itself).
@@ -490,7 +519,8 @@ cudaError_t launch_bwd_ws_order(BwdOrder order, const LocalAttentionBwdParams& p
 // Launches the Hopper backward if TMA can describe q, grad_out and the dQ scratch; false
 // otherwise. The schedule is WsBwdDefaultSchedule unless switches name another (for
 // comparison): FASTATTN_WS_BWD_LOCKSTEP or FASTATTN_WS_BWD_DK_AFTER_DQ (the order),
-// FASTATTN_WS_BWD_NO_DQ_WRITER (the consumers' leaders issue the reduce-adds).
+// FASTATTN_WS_BWD_NO_DQ_WRITER (the consumers' leaders issue the reduce-adds);
+// FASTATTN_WS_BWD_TRACE prints per-phase cycle counts (bfloat16, the default schedule).
 template <typename T, int D>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
@@ -510,6 +540,13 @@ bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream
                                                                   : WsBwdDefaultSchedule::kOrder;
   const bool writer =
       WsBwdDefaultSchedule::kDqWriter && !switch_set("FASTATTN_WS_BWD_NO_DQ_WRITER");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (switch_set("FASTATTN_WS_BWD_TRACE")) {
+      *err = launch_bwd_ws_kernel<T, D, WsBwdSchedule<BwdOrder::kSplitDk, true, true>>(p, maps,
+                                                                                      stream);
+      return true;
+    }
+  }
   *err = writer ? launch_bwd_ws_order<T, D, true>(order, p, maps, stream)
                 : launch_bwd_ws_order<T, D, false>(order, p, maps, stream);
   return true;

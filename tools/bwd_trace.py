@@ -1,0 +1,64 @@
+"""Dev probe: where a tile's time goes in the Hopper backward. Runs one backward per case with
+FASTATTN_WS_BWD_TRACE=1 (bfloat16, the default schedule), whose kernel prints, for a few blocks,
+each consumer's cycles per query tile by phase; then times the backward with and without the
+trace (the stamps themselves cost a little).
+
+    PYTHONPATH=. python tools/bwd_trace.py [--cases default]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from fastattn import _ops
+from fastattn.perf.cases import case_set
+
+
+def backward_ms(bwd, repeat: int = 10) -> float:
+    bwd()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        bwd()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def main() -> int:
+    _ops.load()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    cases = [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
+    for case in cases:
+        b, h, n, d = case.shape
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16,
+                                     generator=gen) for _ in range(4))
+        out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *case.window, None, d**-0.5)
+        grad_lse = torch.zeros_like(lse)
+
+        def bwd(q=q, k=k, v=v, grad=grad, out=out, lse=lse, grad_lse=grad_lse, case=case, d=d):
+            torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse,
+                                                   *case.window, None, d**-0.5)
+
+        plain = backward_ms(bwd)
+        print(f"case {b},{h},{n},{d},w{case.window[0]}x{case.window[1]}: backward {plain:.3f} ms",
+              flush=True)
+        os.environ["FASTATTN_WS_BWD_TRACE"] = "1"
+        try:
+            bwd()
+            torch.cuda.synchronize()  # the kernel's lines come out here
+            sys.stdout.flush()
+            traced = backward_ms(bwd, repeat=3)
+        finally:
+            del os.environ["FASTATTN_WS_BWD_TRACE"]
+        print(f"  with the trace: {traced:.3f} ms (+{100 * (traced / plain - 1):.1f}%)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
