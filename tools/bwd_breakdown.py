@@ -35,6 +35,23 @@ def kernel_times_us(fn, repeat: int) -> dict[str, float]:
     return dict(totals)
 
 
+def backward_call(case):
+    """A function that runs fastattn's backward op alone on the case's random inputs (the
+    forward's out and lse computed once, ahead)."""
+    b, h, n, d = case.shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=case.torch_dtype,
+                                 generator=gen) for _ in range(4))
+    out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *case.window, None, d**-0.5)
+    grad_lse = torch.zeros_like(lse)
+
+    def bwd():
+        torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse, *case.window,
+                                               None, d**-0.5)
+
+    return bwd
+
+
 def short(name: str) -> str:
     for key in ("local_bwd_ws_kernel", "local_bwd_kernel", "local_bwd_delta_kernel",
                 "local_bwd_dq_kernel"):
@@ -54,16 +71,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (us per call)")
     for case in cases:
         b, h, n, d = case.shape
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=case.torch_dtype,
-                                     generator=gen) for _ in range(4))
-        out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *case.window, None, d**-0.5)
-        grad_lse = torch.zeros_like(lse)
-
-        def bwd(q=q, k=k, v=v, grad=grad, out=out, lse=lse, grad_lse=grad_lse, case=case, d=d):
-            torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse,
-                                                   *case.window, None, d**-0.5)
-
+        bwd = backward_call(case)
         times = defaultdict(float)
         for name, us in kernel_times_us(bwd, args.repeat).items():
             times[short(name)] += us

@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+from bwd_breakdown import backward_call  # tools/, beside this script
 
 from fastattn import _ops
 from fastattn.perf.cases import case_set
@@ -35,16 +36,7 @@ def main() -> int:
     cases = [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
     for case in cases:
         b, h, n, d = case.shape
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16,
-                                     generator=gen) for _ in range(4))
-        out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, *case.window, None, d**-0.5)
-        grad_lse = torch.zeros_like(lse)
-
-        def bwd(q=q, k=k, v=v, grad=grad, out=out, lse=lse, grad_lse=grad_lse, case=case, d=d):
-            torch.ops.fastattn.local_attention_bwd(grad, grad_lse, q, k, v, out, lse,
-                                                   *case.window, None, d**-0.5)
-
+        bwd = backward_call(case)
         plain = backward_ms(bwd)
         print(f"case {b},{h},{n},{d},w{case.window[0]}x{case.window[1]}: backward {plain:.3f} ms",
               flush=True)
