@@ -155,6 +155,19 @@ __device__ __forceinline__ void bwd_probabilities(float (&s)[kBq / 8][4], const 
   const int64_t keys_left = keys - kw0;
   const int rows = static_cast<int>(keys_left < 16 ? keys_left : 16) - g;
   const int lo = -static_cast<int>(left), hi = static_cast<int>(right);
+  // A branch, not a per-element select: an interior warp (most of a wide band's tiles) then
+  // runs one FFMA and one exp2 per score instead of also computing the mask it does not need.
+  if (interior) {
+#pragma unroll
+    for (int i = 0; i < kBq / 8; ++i) {
+      const float2 l = *reinterpret_cast<const float2*>(lse + i * 8 + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[i][e] = exp2f(fmaf(s[i][e], scale_log2, -((e & 1) ? l.y : l.x)));
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kBq / 8; ++i) {
     const float2 l = *reinterpret_cast<const float2*>(lse + i * 8 + 2 * t);
@@ -162,7 +175,7 @@ __device__ __forceinline__ void bwd_probabilities(float (&s)[kBq / 8][4], const 
     for (int e = 0; e < 4; ++e) {
       const float prob = exp2f(fmaf(s[i][e], scale_log2, -((e & 1) ? l.y : l.x)));
       const int d = rel + (e >> 1) * 8 - i * 8 - (e & 1);
-      s[i][e] = interior || (d >= lo && d <= hi && (e >> 1) * 8 < rows) ? prob : 0.f;
+      s[i][e] = d >= lo && d <= hi && (e >> 1) * 8 < rows ? prob : 0.f;
     }
   }
 }
