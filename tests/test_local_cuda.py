@@ -117,6 +117,40 @@ def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
                             key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))
 
 
+# The Hopper forward's other softmax modes (FwdSoftmax; kernel switches until one is the
+# default): scale and max folded into one FFMA, and the lazy rescale on top of it.
+HOPPER_FWD_SOFTMAX = ["FASTATTN_WS_FWD_FOLD", "FASTATTN_WS_FWD_LAZY"]
+
+
+def _climbing_scores(seq_len, head_dim, dtype, step):
+    """q, k, v whose scores climb along the keys by about `step` (base 2, scaled) per key tile
+    of 128: the running max of every row moves at each tile (step over the lazy threshold of
+    8) or only every few tiles (under it)."""
+    q, k, v = make_qkv(2, 2, seq_len, head_dim, torch.float32, device="cuda")
+    slope = step * head_dim**0.5 / (128 * 1.4426950408889634)
+    q[..., 0] = 1.0
+    k[..., 0] += slope * torch.arange(seq_len, device="cuda", dtype=torch.float32)
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("switch", HOPPER_FWD_SOFTMAX,
+                         ids=lambda s: s.replace("FASTATTN_WS_FWD_", "").lower())
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_hopper_forward_softmax_modes(dtype, head_dim, switch, monkeypatch):
+    monkeypatch.setenv(switch, "1")
+    q, k, v = (nan_padded(t) for t in make_qkv(3, 2, 1500, head_dim, dtype, device="cuda"))
+    check_against_reference(q, k, v, (333, 400),
+                            key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))
+    for step in (3.0, 20.0):
+        q, k, v = (nan_padded(t) for t in _climbing_scores(1100, head_dim, dtype, step))
+        check_against_reference(q, k, v, (2000, 0))
+        check_against_reference(q, k, v, (300, 300), key_lengths=torch.tensor([1100, 700],
+                                                                               device="cuda"))
+    # A negative scale cannot fold into the max (max(c s) = c min(s)): the exact softmax runs.
+    check_against_reference(q, k, v, (300, 300), scale=-0.05)
+
+
 def _gradients_vs_reference(q, k, v, window, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     grads = torch.autograd.grad(fastattn.local_attention(*leaves, window), leaves, grad_out)

@@ -105,24 +105,23 @@ struct FwdTiles {
   }
 };
 
-// One key tile of the online softmax for the two rows (w0 + g, w0 + g + 8) a lane holds: masks
-// s (unless the tile is interior to every row of the warp), moves it to base-2 units, updates
-// the running max and sum, and leaves the unnormalised probabilities in s and, per row, the
-// factor by which the output accumulated so far must be rescaled.
-template <int kBc>
-__device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
-                                               float (&row_sum)[2], float (&correction)[2],
-                                               const LocalAttentionParams& p, int64_t keys,
-                                               int64_t w0, int64_t k0, float scale_log2,
-                                               int lane) {
+// The scores of one key tile for the two rows (w0 + g, w0 + g + 8) a lane holds, masked to the
+// band and key_lengths (-inf outside; nothing to do when the tile is interior to every row of
+// the warp) and, with kScale, multiplied by scale_log2 (base-2 units) on the way.
+template <int kBc, bool kScale>
+__device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalAttentionParams& p,
+                                            int64_t keys, int64_t w0, int64_t k0,
+                                            float scale_log2, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int64_t left = p.window_left, right = p.window_right;
   const bool interior = k0 >= w0 + 15 - left && k0 + kBc - 1 <= w0 + right && k0 + kBc - 1 < keys;
   if (interior) {
+    if constexpr (kScale) {
 #pragma unroll
-    for (int i = 0; i < kBc / 8; ++i)
+      for (int i = 0; i < kBc / 8; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] *= scale_log2;
+        for (int e = 0; e < 4; ++e) s[i][e] *= scale_log2;
+    }
   } else {
     // In 32 bits, relative to the lane's first (query, key): kj - qi and the key's column stay
     // within L + 2 tiles of 0 (a tensor of 2**31 rows would not fit in device memory).
@@ -134,9 +133,23 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&r
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int d = rel + i * 8 + (e & 1) - (e >> 1) * 8, column = i * 8 + (e & 1);
-        s[i][e] = d >= lo && d <= hi && column < columns ? s[i][e] * scale_log2 : -INFINITY;
+        const float score = kScale ? s[i][e] * scale_log2 : s[i][e];
+        s[i][e] = d >= lo && d <= hi && column < columns ? score : -INFINITY;
       }
   }
+}
+
+// One key tile of the online softmax for the two rows (w0 + g, w0 + g + 8) a lane holds: masks
+// s, moves it to base-2 units, updates the running max and sum, and leaves the unnormalised
+// probabilities in s and, per row, the factor by which the output accumulated so far must be
+// rescaled.
+template <int kBc>
+__device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&correction)[2],
+                                               const LocalAttentionParams& p, int64_t keys,
+                                               int64_t w0, int64_t k0, float scale_log2,
+                                               int lane) {
+  mask_scores<kBc, true>(s, p, keys, w0, k0, scale_log2, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
