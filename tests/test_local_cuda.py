@@ -117,15 +117,14 @@ def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
                             key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))
 
 
-# The Hopper forward's other softmax modes (FwdSoftmax; kernel switches until one is the
-# default): scale and max folded into one FFMA, and the lazy rescale on top of it.
-HOPPER_FWD_SOFTMAX = ["FASTATTN_WS_FWD_FOLD", "FASTATTN_WS_FWD_LAZY"]
+# The Hopper forward's softmax: folded scale (the default where the scale is positive), and the
+# exact one (negative scales, or FASTATTN_WS_FWD_EXACT=1).
+HOPPER_FWD_SOFTMAX = ["default", "FASTATTN_WS_FWD_EXACT"]
 
 
 def _climbing_scores(seq_len, head_dim, dtype, step):
     """q, k, v whose scores climb along the keys by about `step` (base 2, scaled) per key tile
-    of 128: the running max of every row moves at each tile (step over the lazy threshold of
-    8) or only every few tiles (under it)."""
+    of 128: the running max of every row moves at every tile, by a little or by a lot."""
     q, k, v = make_qkv(2, 2, seq_len, head_dim, torch.float32, device="cuda")
     slope = step * head_dim**0.5 / (128 * 1.4426950408889634)
     q[..., 0] = 1.0
@@ -138,7 +137,8 @@ def _climbing_scores(seq_len, head_dim, dtype, step):
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
 def test_hopper_forward_softmax_modes(dtype, head_dim, switch, monkeypatch):
-    monkeypatch.setenv(switch, "1")
+    if switch != "default":
+        monkeypatch.setenv(switch, "1")
     q, k, v = (nan_padded(t) for t in make_qkv(3, 2, 1500, head_dim, dtype, device="cuda"))
     check_against_reference(q, k, v, (333, 400),
                             key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))

@@ -144,48 +144,34 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
   }
 }
 
-// How a consumer's online softmax applies the scale and moves the running max (the launcher
-// picks one; kExact unless a switch names another, for comparison until one measures fastest):
-//   kExact   every score scaled, the max subtracted, O rescaled at every tile (online_softmax);
+// How a consumer's online softmax applies the scale:
 //   kFolded  the max kept in raw score units, scale and max applied by one FFMA per score
-//            (max(c s) = c max(s) needs c > 0: the launcher takes kExact for other scales);
-//   kLazy    as kFolded, but a row's max moves only when a tile's exceeds it by more than
-//            kLazyRescaleLog2 (base 2, scaled), so O and the sum are rescaled only in the few
-//            tiles where a max of the warp moved (FlashAttention 4's conditional rescale). The
-//            probabilities of the other tiles are then <= 2^kLazyRescaleLog2, far inside
-//            16-bit and float32 range, and numerator and sum share the same stale max.
-enum class FwdSoftmax { kExact, kFolded, kLazy };
-constexpr float kLazyRescaleLog2 = 8.f;
+//            (max(c s) = c max(s) needs c > 0): the default where the scale is positive,
+//            3-6% off the forward at D = 128 (kernel-notes, v3e);
+//   kExact   every score scaled, then the max subtracted (online_softmax): other scales, and
+//            FASTATTN_WS_FWD_EXACT=1 for comparison.
+enum class FwdSoftmax { kExact, kFolded };
 
-// One key tile of the online softmax in the mode's units (see FwdSoftmax): returns whether O
-// must be rescaled by correction (always, but for kLazy).
+// One key tile of the online softmax in the mode's units (see FwdSoftmax).
 template <int kBc, FwdSoftmax kMode>
-__device__ __forceinline__ bool ws_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
+__device__ __forceinline__ void ws_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
                                            float (&row_sum)[2], float (&correction)[2],
                                            const LocalAttentionParams& p, int64_t keys,
-                                           int64_t w0, int64_t k0, float scale_log2,
-                                           float lazy_threshold, int lane) {
+                                           int64_t w0, int64_t k0, float scale_log2, int lane) {
   if constexpr (kMode == FwdSoftmax::kExact) {
     online_softmax<kBc>(s, row_max, row_sum, correction, p, keys, w0, k0, scale_log2, lane);
-    return true;
   } else {
     mask_scores<kBc, false>(s, p, keys, w0, k0, scale_log2, lane);
-    bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kBc / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-      mx = quad_max(mx);
-      // -inf + threshold stays -inf: a row's first visible tile always moves its max.
-      const float new_max = kMode == FwdSoftmax::kLazy
-                                ? (mx > row_max[r] + lazy_threshold ? mx : row_max[r])
-                                : fmaxf(row_max[r], mx);
+      const float new_max = fmaxf(row_max[r], quad_max(mx));
       // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0.
       const float base = new_max == -INFINITY ? 0.f : new_max;
       const float base_scaled = base * scale_log2;
-      correction[r] = exp2f((row_max[r] - base) * scale_log2);  // exactly 1 when unmoved
-      moved |= new_max != row_max[r];
+      correction[r] = exp2f((row_max[r] - base) * scale_log2);
       row_max[r] = new_max;
       float sum = 0.f;
 #pragma unroll
@@ -196,8 +182,6 @@ __device__ __forceinline__ bool ws_softmax(float (&s)[kBc / 8][4], float (&row_m
       }
       row_sum[r] = row_sum[r] * correction[r] + sum;
     }
-    // Warp-uniform, so the rescale is a branch, not a divergent select.
-    return kMode != FwdSoftmax::kLazy || __any_sync(0xffffffffu, moved);
   }
 }
 
@@ -212,7 +196,6 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t w0 = blk.q0 + 64 * wg + 16 * warp;  // this warp's first query
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const float lazy_threshold = kLazyRescaleLog2 / scale_log2;  // raw units (kLazy: c > 0)
   const T* q = sm.q + wg * 64 * 64;
   float o[D / 8][4];
   zero(o);
@@ -246,7 +229,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     fence_accumulators(s);
     release_q_after(0);
     ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo, scale_log2,
-                           lazy_threshold, lane);
+                           lane);
     pack_probabilities<T, kBc>(pa, s);
 
     for (int n = 1; n < n_tiles; ++n) {
@@ -263,14 +246,13 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       wgmma_wait<1>();  // S_n is ready; P_{n-1} V_{n-1} may still run
       fence_accumulators(s);
       release_q_after(n);
-      const bool rescale = ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys,
-                                                  w0, blk.lo + static_cast<int64_t>(n) * kBc,
-                                                  scale_log2, lazy_threshold, lane);
+      ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys, w0,
+                             blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
       wgmma_wait<0>();
       fence_accumulators(o);
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.empty[prev]);  // this warp is done with K/V_{n-1}
-      if (rescale) rescale_rows<D>(o, correction);
+      rescale_rows<D>(o, correction);
       pack_probabilities<T, kBc>(pa, s);
     }
     const int last = stage_of(n_tiles - 1);
@@ -363,15 +345,10 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
                        Cfg::kBc)) {
     return false;
   }
-  // FASTATTN_WS_FWD_FOLD / FASTATTN_WS_FWD_LAZY pick the softmax (FwdSoftmax); both need a
-  // positive scale.
-  const bool folds = p.scale > 0.0;
-  const FwdSoftmax mode = folds && switch_set("FASTATTN_WS_FWD_LAZY")   ? FwdSoftmax::kLazy
-                          : folds && switch_set("FASTATTN_WS_FWD_FOLD") ? FwdSoftmax::kFolded
-                                                                        : FwdSoftmax::kExact;
-  auto kernel = mode == FwdSoftmax::kLazy     ? local_fwd_ws_kernel<T, D, FwdSoftmax::kLazy>
-                : mode == FwdSoftmax::kFolded ? local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded>
-                                              : local_fwd_ws_kernel<T, D, FwdSoftmax::kExact>;
+  // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
+  const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
+  auto kernel = folds ? local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded>
+                      : local_fwd_ws_kernel<T, D, FwdSoftmax::kExact>;
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(Cfg::kSmem));
   if (*err != cudaSuccess) return true;
