@@ -117,10 +117,9 @@ def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
                             key_lengths=torch.tensor([1500, 1000, 0], device="cuda"))
 
 
-# The Hopper forward's softmax: folded scale (the default where the scale is positive), the
-# exact one (negative scales, or FASTATTN_WS_FWD_EXACT=1), and the loop without the order point
-# that keeps each softmax under the previous tile's P V (FASTATTN_WS_FWD_NO_ORDER_POINT=1).
-HOPPER_FWD_SOFTMAX = ["default", "FASTATTN_WS_FWD_EXACT", "FASTATTN_WS_FWD_NO_ORDER_POINT"]
+# The Hopper forward's softmax: folded scale (the default where the scale is positive), and the
+# exact one (negative scales, or FASTATTN_WS_FWD_EXACT=1).
+HOPPER_FWD_SOFTMAX = ["default", "FASTATTN_WS_FWD_EXACT"]
 
 
 def _climbing_scores(seq_len, head_dim, dtype, step):

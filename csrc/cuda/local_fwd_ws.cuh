@@ -187,7 +187,7 @@ __device__ __forceinline__ void ws_softmax(float (&s)[kBc / 8][4], float (&row_m
 
 // One consumer warpgroup (wg 0 or 1: queries q0 + 64 wg ..) over one query tile: the pipelined
 // loop over the band, then the store.
-template <typename T, int D, FwdSoftmax kMode, bool kOrderPoint>
+template <typename T, int D, FwdSoftmax kMode>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
                                            const WsFwdSmem<T, D>& sm, WsProgress& at, int wg,
                                            int tid) {
@@ -218,9 +218,6 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     mbar_wait(sm.q_full, at.q_tiles & 1);
     float s[kBc / 8][4];
     uint32_t pa[kBc / 16][4];
-    float order_scratch[1][4] = {{0.f, 0.f, 0.f, 0.f}};  // kOrderPoint's product
-    // 0 (L < 2^62), but not provably: a parameter the compiler knows nothing about.
-    const uint32_t opaque_zero = static_cast<uint32_t>(static_cast<uint64_t>(p.seq_len) >> 62);
 
     mbar_wait(&sm.k_full[stage_of(0)], phase_of(0));
     named_sync(self, 256);
@@ -251,14 +248,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       release_q_after(n);
       ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys, w0,
                              blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
-      if constexpr (kOrderPoint) {
-        // Keeps the softmax above the wait for P_{n-1} V_{n-1}, so that it runs under it.
-        wgmma_order_point<T>(order_scratch, q, sm.k_stage(stage), row_sum[0] + row_sum[1],
-                             opaque_zero);
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
+      wgmma_wait<0>();
       fence_accumulators(o);
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.empty[prev]);  // this warp is done with K/V_{n-1}
@@ -277,8 +267,6 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     fence_accumulators(o);
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.empty[last]);
-    // Never true (opaque_zero is 0): only so that the order points' products stay live.
-    if (kOrderPoint && opaque_zero != 0) row_sum[0] += order_scratch[0][0];
     at.kv_tiles += n_tiles;
     ++at.q_tiles;
     if constexpr (kMode != FwdSoftmax::kExact) {  // the store wants the max scaled, base 2
@@ -292,7 +280,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
 // Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
-template <typename T, int D, FwdSoftmax kMode, bool kOrderPoint>
+template <typename T, int D, FwdSoftmax kMode>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
@@ -331,7 +319,7 @@ __global__ void __launch_bounds__(384, 1)
     regs_increase<Cfg::kConsumerRegs>();
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
       const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kMode, kOrderPoint>(p, blk, sm, at, warpgroup - 1, tid);
+      ws_consume<T, D, kMode>(p, blk, sm, at, warpgroup - 1, tid);
     }
   }
 #else
@@ -359,12 +347,8 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   }
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  // FASTATTN_WS_FWD_NO_ORDER_POINT=1: without the order point (see wgmma_order_point).
-  const bool pinned = !switch_set("FASTATTN_WS_FWD_NO_ORDER_POINT");
-  auto kernel = folds ? (pinned ? local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded, true>
-                                : local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded, false>)
-                      : (pinned ? local_fwd_ws_kernel<T, D, FwdSoftmax::kExact, true>
-                                : local_fwd_ws_kernel<T, D, FwdSoftmax::kExact, false>);
+  auto kernel = folds ? local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded>
+                      : local_fwd_ws_kernel<T, D, FwdSoftmax::kExact>;
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(Cfg::kSmem));
   if (*err != cudaSuccess) return true;

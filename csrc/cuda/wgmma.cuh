@@ -105,18 +105,6 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
   }
 }
 
-// d (64 x 8) += A (64 x 16) B (16 x 8), both K-major in shared memory: the smallest product,
-// issued only for its place in the order of a warpgroup's wgmmas (see wgmma_order_point).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n8(float (&d)[1][4], uint64_t desc_a, uint64_t desc_b) {
-  const int accumulate = 1;
-  if constexpr (std::is_same_v<T, __half>) {
-    FA_WGMMA_SS("m64n8k16", "f16", "{%0,%1,%2,%3}", FA_ACC4(0), "%4", "%5", "%6", "0, 0");
-  } else {
-    FA_WGMMA_SS("m64n8k16", "bf16", "{%0,%1,%2,%3}", FA_ACC4(0), "%4", "%5", "%6", "0, 0");
-  }
-}
-
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
                                          uint64_t desc_b) {
@@ -130,24 +118,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
   } else {
     FA_WGMMA_RS("m64n128k16", "bf16", FA_REGS_N128, FA_ACC_N128, "{%64,%65,%66,%67}", "%68", "%69");
   }
-}
-
-// ptxas moves a wgmma wait up to the previous wgmma instruction when only ALU work lies between
-// them, so "work, then wait for the product in flight" runs as "wait, then work" and the work no
-// longer overlaps the product (kernel-notes, forward v3f). An m64n8 product issued here, in its
-// own commit group, whose descriptor depends on `after` (a result of the work) pins the order:
-// a wait for the groups before it can only follow it, and it can only follow the work. The
-// caller then waits with one group more left in flight. opaque_zero: 0, but not provably so
-// (ptxas would fold a literal 0 and with it the dependence). d: 4 scratch registers that
-// accumulate and that the caller must seem to read at the end (ptxas strips a product whose
-// result is dead down to an operand-less placeholder, and the dependence with it).
-template <typename T>
-__device__ __forceinline__ void wgmma_order_point(float (&d)[1][4], const T* a, const T* b,
-                                                  float after, uint32_t opaque_zero) {
-  const uint64_t tie = __float_as_uint(after) & opaque_zero;
-  wgmma_fence();
-  wgmma_ss_n8<T>(d, sw128_desc(a, 16, 1024) + tie, sw128_desc(b, 16, 1024));
-  wgmma_commit();
 }
 
 #undef FA_WGMMA_RS
