@@ -18,8 +18,8 @@ from fastattn.perf.cases import case_set
 from fastattn.perf.flops import case_flops
 
 
-def kernel_times_us(fn, repeat: int) -> dict[str, float]:
-    """Mean device time per call of each kernel fn launches."""
+def kernel_profile(fn, repeat: int) -> dict[str, tuple[float, float]]:
+    """Per kernel fn launches: (mean device microseconds per call of fn, launches per call)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -28,11 +28,17 @@ def kernel_times_us(fn, repeat: int) -> dict[str, float]:
         for _ in range(repeat):
             fn()
         torch.cuda.synchronize()
-    totals = defaultdict(float)
+    totals = defaultdict(lambda: [0.0, 0.0])
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.key] += event.self_device_time_total / repeat
-    return dict(totals)
+            totals[event.key][0] += event.self_device_time_total / repeat
+            totals[event.key][1] += event.count / repeat
+    return {name: (us, launches) for name, (us, launches) in totals.items()}
+
+
+def kernel_times_us(fn, repeat: int) -> dict[str, float]:
+    """Mean device time per call of each kernel fn launches."""
+    return {name: us for name, (us, _) in kernel_profile(fn, repeat).items()}
 
 
 def backward_call(case):

@@ -7,14 +7,20 @@ fastattn.perf.timing), divided by the calls, without L2 flush.
     PYTHONPATH=. python tools/clustered_probe.py [--quick] [--json results.json]
     PYTHONPATH=. python tools/clustered_probe.py --cpu   # float32 at (1, 8, 2048, 64, C=64),
                                                          # best of 5 host-clock calls
+    PYTHONPATH=. python tools/clustered_probe.py --stages [--markdown FILE]
+        # the GPU time of each stage (kernel) of each op, from the torch profiler: the table of
+        # docs/clustered.md ("Where the time goes")
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,9 @@ import torch.nn.functional as F
 import fastattn
 from fastattn.perf.timing import TimingConfig, plan_gpu
 from fastattn.reference import improved_clustered_attention_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bwd_breakdown import kernel_profile  # noqa: E402  (tools/, beside this script)
 
 CASES = [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]  # (B, H, L, D, C)
 CPU_CASE = (1, 8, 2048, 64, 64)
@@ -90,12 +99,59 @@ def spot_check(q, k, v, clustering, clusters):
     return (fwd[0].double() - gold).abs().max().item()
 
 
+STAGE_OPS = ("cluster", "clustered fwd", "clustered fwd+bwd", "improved fwd", "improved fwd+bwd")
+
+
+def stage_name(kernel: str) -> str:
+    """A kernel's name without its namespace, template arguments and parameter list."""
+    base = re.sub(r"\(.*", "", kernel.replace("(anonymous namespace)::", ""))
+    base = re.sub(r"<.*", "", base)
+    return base.split("::")[-1].split(" ")[-1][:60] or kernel[:60]
+
+
+def stage_table(repeat: int = 5) -> str:
+    """Markdown: per case, dtype and op, each kernel's microseconds per call and launches."""
+    lines = []
+    for batch, heads, seq_len, head_dim, clusters in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=dtype)
+                       for _ in range(3))
+            clustering = fastattn.cluster(q, clusters, bits=BITS, iterations=ITERATIONS)
+            ops = make_ops(q, k, v, clustering, clusters)
+            dname = str(dtype).removeprefix("torch.")
+            for op in STAGE_OPS:
+                kernels = kernel_profile(ops[op], repeat)
+                total = sum(us for us, _ in kernels.values())
+                lines.append(f"\n**B{batch} H{heads} L{seq_len} D{head_dim} C{clusters}, {dname}, "
+                             f"{op}**: {total / 1000:.3f} ms of kernels per call\n")
+                lines.append("| kernel | us per call | launches | share |")
+                lines.append("|---|---:|---:|---:|")
+                merged: dict[str, list[float]] = {}
+                for name, (us, launches) in kernels.items():
+                    entry = merged.setdefault(stage_name(name), [0.0, 0.0])
+                    entry[0] += us
+                    entry[1] += launches
+                for name, (us, launches) in sorted(merged.items(), key=lambda kv: -kv[1][0]):
+                    lines.append(f"| `{name}` | {us:.1f} | {launches:g} | "
+                                 f"{us / total * 100:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the first case only, fewer samples")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--cpu", action="store_true", help="time the CPU kernels instead")
+    parser.add_argument("--stages", action="store_true",
+                        help="per-kernel GPU time of each op (torch profiler) instead")
+    parser.add_argument("--markdown", help="with --stages: write the tables here too")
     args = parser.parse_args()
+    if args.stages:
+        table = f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}\n" + stage_table()
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        return 0
     samples = 5 if args.quick else 15
     device = "cpu" if args.cpu else "cuda"
     timer = cpu_ms if args.cpu else (lambda fn: gpu_ms(fn, samples))
