@@ -23,6 +23,16 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo, u
          (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of a tile `elements` further on in shared memory: the address field (bits
+// 0-13, in 16-byte units) of a descriptor built once plus a constant, instead of a descriptor
+// rebuilt from the address at every k-step (the masks and shifts are a tenth of the kernels'
+// instructions otherwise: kernel-notes). No carry leaves the field: shared addresses stay
+// below 2^18 bytes, the field's reach.
+template <typename T>
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, int elements) {
+  return desc + static_cast<uint64_t>((elements * static_cast<int>(sizeof(T))) >> 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -134,10 +144,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 template <typename T, int D, int kBc>
 __device__ __forceinline__ void wgmma_qk(float (&s)[kBc / 8][4], const T* q, int q_block,
                                          const T* k, int k_block) {
+  const uint64_t da0 = sw128_desc(q, 16, 1024), db0 = sw128_desc(k, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const uint64_t da = sw128_desc(q + (kk / 4) * q_block + (kk % 4) * 16, 16, 1024);
-    const uint64_t db = sw128_desc(k + (kk / 4) * k_block + (kk % 4) * 16, 16, 1024);
+    const uint64_t da = desc_advance<T>(da0, (kk / 4) * q_block + (kk % 4) * 16);
+    const uint64_t db = desc_advance<T>(db0, (kk / 4) * k_block + (kk % 4) * 16);
     wgmma_ss<T, kBc>(s, da, db, kk > 0);
   }
 }
@@ -147,9 +158,10 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[kBc / 8][4], const T* q, int
 template <typename T, int D, int kBc>
 __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[kBc / 16][4],
                                          const T* v) {
+  const uint64_t dv0 = sw128_desc(v, kBc * 128, 1024);
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
-    wgmma_rs<T, D>(o, pa[kk], sw128_desc(v + kk * 16 * 64, kBc * 128, 1024));
+    wgmma_rs<T, D>(o, pa[kk], desc_advance<T>(dv0, kk * 16 * 64));
   }
 }
 
@@ -159,11 +171,11 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&
 template <typename T, int kK>
 __device__ __forceinline__ void wgmma_mn_major(float (&d)[8][4], const T* a, int a_rows,
                                                const T* b, int b_rows) {
+  const uint64_t da0 = sw128_desc(a, a_rows * 128, 1024), db0 = sw128_desc(b, b_rows * 128, 1024);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    const uint64_t da = sw128_desc(a + kk * 16 * 64, a_rows * 128, 1024);
-    const uint64_t db = sw128_desc(b + kk * 16 * 64, b_rows * 128, 1024);
-    wgmma_ss<T, 64, true>(d, da, db, kk > 0);
+    wgmma_ss<T, 64, true>(d, desc_advance<T>(da0, kk * 16 * 64), desc_advance<T>(db0, kk * 16 * 64),
+                          kk > 0);
   }
 }
 
