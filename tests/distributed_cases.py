@@ -39,18 +39,56 @@ class Case:
     dtype: torch.dtype = torch.float32
     key_lengths: tuple[int, ...] | None = None  # global, one per batch
     return_lse: bool = True
+    layout: str = "bhld"  # "blhd": each shard a (B, H, L_r, D) view of (B, L_r, H, D) storage
+    grad: bool = True  # False: called under torch.no_grad(), outputs only
 
 
 @dataclass(frozen=True)
 class BadCase:
-    """A case where ``bad_rank`` passes a wrong shard and every rank must raise ``error``."""
+    """A case where ``bad_rank`` passes a wrong argument and every rank must raise ``error``."""
 
     name: str
     lengths: tuple[int, ...]
     bad_rank: int
-    mutate: str  # "heads" | "head_dim_k" | "dtype"
+    mutate: str  # a key of _MUTATIONS
     error: type
     patterns: dict = field(default_factory=dict)  # rank -> regex its message must match
+
+
+def _more_heads(call):
+    for name in "qkv":
+        call[name] = torch.cat((call[name], call[name][:, :1]), dim=1)
+
+
+def _float64(call):
+    for name in "qkv":
+        call[name] = call[name].double()
+
+
+def _short_k_head_dim(call):
+    call["k"] = call["k"][..., :8]
+
+
+def _q_not_a_tensor(call):
+    call["q"] = call["q"].tolist()
+
+
+def _other_window(call):
+    call["window"] = (2, 3)
+
+
+def _own_key_lengths(call):
+    call["key_lengths"] = torch.tensor([5, 6], device=call["q"].device)
+
+
+def _needs_grad(call):
+    for name in "qkv":
+        call[name].requires_grad_()
+
+
+_MUTATIONS = {f.__name__.lstrip("_"): f for f in (
+    _more_heads, _float64, _short_k_head_dim, _q_not_a_tensor, _other_window, _own_key_lengths,
+    _needs_grad)}
 
 
 def _cases(world: int) -> list:
@@ -63,6 +101,7 @@ def _cases(world: int) -> list:
             Case("wider-than-shard-w20x3", n, (20, 3), key_lengths=(20, 32)),
             Case("wider-than-L-w100x100", n, (100, 100)),
             Case("equal-shards-w3x7-fp16", (16, 16), (3, 7), torch.float16),
+            Case("strided-blhd-w7x7", n, (7, 7), layout="blhd", key_lengths=(15, 30)),
             *_bad_cases(n),
             Case("after-errors-w6x2", n, (6, 2)),
         ]
@@ -74,6 +113,7 @@ def _cases(world: int) -> list:
             Case("anticausal-w10-two-hops", n, (0, 10), key_lengths=(25, 10)),
             Case("causal-wider-than-L-w30-kl-mid", n, (30, 0), key_lengths=(12, 0)),
             Case("no-lse-w2x5", n, (2, 5), return_lse=False),
+            Case("no-grad-w6x1-bf16", n, (6, 1), torch.bfloat16, grad=False),
             *_bad_cases(n),
             Case("after-errors-w4x4-bf16", n, (4, 4), torch.bfloat16),
         ]
@@ -94,18 +134,31 @@ def _cases(world: int) -> list:
 
 def _bad_cases(n):
     world = len(n)
-    last = world - 1
+    last, ranks = world - 1, range(world)
     every = r"every rank's q, k, v must be \(B, H, L_r, D\) shards with the same B, H, D, dtype"
     return [
-        BadCase("error-heads-differ", n, 1, "heads", ValueError,
+        BadCase("error-heads-differ", n, 1, "more_heads", ValueError,
                 {r: every + r".*rank\(s\) \[1\] differ from rank 0.*rank 1 has q.shape=\(2, 3, "
-                 for r in range(world)}),
-        BadCase("error-dtype-differs", n, last, "dtype", TypeError,
-                {r: rf"rank\(s\) \[{last}\] differ.*torch.float64" for r in range(world)}),
-        BadCase("error-k-head-dim-on-rank-0", n, 0, "head_dim_k", ValueError,
+                 for r in ranks}),
+        BadCase("error-dtype-differs", n, last, "float64", TypeError,
+                {r: rf"rank\(s\) \[{last}\] differ.*torch.float64" for r in ranks}),
+        BadCase("error-k-head-dim-on-rank-0", n, 0, "short_k_head_dim", ValueError,
                 {0: r"q, k, v must have the same \(B, H, L, D\) shape.*on rank 0 of",
                  **{r: r"the inputs of rank\(s\) \[0\] .* are invalid.*rank 0 has q.shape=\(2, 2, "
-                    r".*k.shape=\(2, 2, \d+, 8\)" for r in range(1, world)}}),
+                    r".*k.shape=\(2, 2, \d+, 8\)" for r in ranks[1:]}}),
+        BadCase("error-q-not-a-tensor", n, last, "q_not_a_tensor", TypeError,
+                {**{r: rf"inputs of rank\(s\) \[{last}\] .* invalid.*rank {last} has q=<not a "
+                    r"tensor>" for r in ranks[:-1]},
+                 last: r"q must be a torch.Tensor, got list"}),
+        BadCase("error-window-differs", n, 1, "other_window", ValueError,
+                {r: r"window must be the same on every rank, but rank\(s\) \[1\] differ from "
+                    r"rank 0: rank 0: left=2, right=2; rank 1: left=2, right=3" for r in ranks}),
+        BadCase("error-key-lengths-on-one-rank", n, last, "own_key_lengths", ValueError,
+                {r: rf"key_lengths .* must be the same tensor on every rank, but rank\(s\) "
+                    rf"\[{last}\] differ" for r in ranks}),
+        BadCase("error-gradients-on-one-rank", n, 1, "needs_grad", ValueError,
+                {r: r"either every rank or none must need gradients.*rank 1: needs_grad=1"
+                 for r in ranks}),
     ]
 
 
@@ -156,13 +209,20 @@ def _run_case(case: Case, rank: int, device):
                                                 q.dtype)
     lo = sum(case.lengths[:rank])
     hi = lo + case.lengths[rank]
-    shard = [t[:, :, lo:hi].detach().clone().requires_grad_() for t in (q, k, v)]
+    shard = [t[:, :, lo:hi].detach().clone() for t in (q, k, v)]
+    if case.layout == "blhd":
+        shard = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in shard]
+    shard = [t.requires_grad_(case.grad) for t in shard]
     kl = None if key_lengths is None else key_lengths.to(device)
-    result = fastattn.distributed.local_attention(*shard, case.window, key_lengths=kl,
-                                                  return_lse=case.return_lse)
+    with torch.set_grad_enabled(case.grad):
+        result = fastattn.distributed.local_attention(*shard, case.window, key_lengths=kl,
+                                                      return_lse=case.return_lse)
     out, lse = result if case.return_lse else (result, None)
-    _loss(out, lse, grad_out[:, :, lo:hi], None if lse is None else grad_lse[:, :, lo:hi]
-          ).backward()
+    if case.grad:
+        _loss(out, lse, grad_out[:, :, lo:hi], None if lse is None else grad_lse[:, :, lo:hi]
+              ).backward()
+    else:
+        assert not out.requires_grad
 
     floor = FLOORS[case.dtype]
     assert_close_to_reference(out, gold_out[:, :, lo:hi], same_out[:, :, lo:hi], floor=floor,
@@ -170,6 +230,8 @@ def _run_case(case: Case, rank: int, device):
     if lse is not None:
         assert_close_to_reference(lse, gold_lse[:, :, lo:hi], same_lse[:, :, lo:hi].float(),
                                   floor=1e-5, name="lse")
+    if not case.grad:
+        return
     for name, leaf, gold, same in zip("qkv", shard, gold_grads, same_grads, strict=True):
         assert_close_to_reference(leaf.grad, gold[:, :, lo:hi], same[:, :, lo:hi],
                                   factor=GRAD_FACTOR, floor=floor, name=f"grad_{name}")
@@ -177,18 +239,15 @@ def _run_case(case: Case, rank: int, device):
 
 def _run_bad_case(case: BadCase, rank: int, device):
     total = sum(case.lengths)
-    q, k, v = (torch.randn(BATCH, HEADS, total, HEAD_DIM, device=device) for _ in range(3))
     lo, hi = sum(case.lengths[:rank]), sum(case.lengths[:rank + 1])
-    q, k, v = (t[:, :, lo:hi] for t in (q, k, v))
+    call = {name: torch.randn(BATCH, HEADS, total, HEAD_DIM, device=device)[:, :, lo:hi]
+            for name in "qkv"}
+    call.update(window=(2, 2), key_lengths=None)
     if rank == case.bad_rank:
-        if case.mutate == "heads":
-            q, k, v = (torch.cat((t, t[:, :1]), dim=1) for t in (q, k, v))
-        elif case.mutate == "dtype":
-            q, k, v = (t.double() for t in (q, k, v))
-        elif case.mutate == "head_dim_k":
-            k = k[..., :8]
+        _MUTATIONS[case.mutate](call)
     try:
-        fastattn.distributed.local_attention(q, k, v, (2, 2))
+        fastattn.distributed.local_attention(call.pop("q"), call.pop("k"), call.pop("v"),
+                                             call.pop("window"), **call)
     except case.error as error:
         pattern = case.patterns[rank]
         assert re.search(pattern, str(error)), f"message {str(error)!r} does not match {pattern!r}"
