@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastattn.distributed
+from fastattn.perf.scaling import measure
 from fastattn.reference import local_attention_reference
 from tests.local_cases import FLOORS
 from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
@@ -91,6 +92,13 @@ _MUTATIONS = {f.__name__.lstrip("_"): f for f in (
     _needs_grad)}
 
 
+@dataclass(frozen=True)
+class ScalingCase:
+    """One tiny collective measurement of the weak-scaling benchmark (fastattn.perf.scaling)."""
+
+    name: str
+
+
 def _cases(world: int) -> list:
     if world == 2:
         n = (13, 19)
@@ -104,6 +112,7 @@ def _cases(world: int) -> list:
             Case("strided-blhd-w7x7", n, (7, 7), layout="blhd", key_lengths=(15, 30)),
             *_bad_cases(n),
             Case("after-errors-w6x2", n, (6, 2)),
+            ScalingCase("scaling-benchmark-runs"),
         ]
     if world == 3:
         n = (9, 4, 12)  # rank 1's shard [9, 13) is shorter than most windows below
@@ -255,6 +264,15 @@ def _run_bad_case(case: BadCase, rank: int, device):
     raise AssertionError(f"no {case.error.__name__} raised on rank {rank}")
 
 
+def _run_scaling_case(case: ScalingCase, rank: int, device):
+    seconds = measure(fastattn.distributed.local_attention, (1, 2, 40, 16), (4, 0),
+                      torch.float32, "fwd+bwd", device, calls=1, rounds=1, warmup=0)
+    assert 0 < seconds < GROUP_TIMEOUT_S, seconds
+
+
+_RUNNERS = {Case: _run_case, BadCase: _run_bad_case, ScalingCase: _run_scaling_case}
+
+
 def worker(rank: int, world: int, port: int, result_dir: str, backend: str) -> None:
     """One rank: joins the group, runs every case of its world size, writes rank<r>.json."""
     torch.set_num_threads(1)  # W processes share the machine's few cores
@@ -269,7 +287,7 @@ def worker(rank: int, world: int, port: int, result_dir: str, backend: str) -> N
         for case in CASES[world]:
             started = time.perf_counter()
             try:
-                (_run_bad_case if isinstance(case, BadCase) else _run_case)(case, rank, device)
+                _RUNNERS[type(case)](case, rank, device)
                 results[case.name] = "ok"
             except Exception:  # noqa: BLE001 - every failure is reported by the parent test
                 results[case.name] = traceback.format_exc()
