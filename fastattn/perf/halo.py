@@ -145,8 +145,23 @@ def table(shape: Shape, gpu_counts) -> str:
     return "\n".join(lines)
 
 
+def add_shape_arguments(p) -> None:
+    """The per-GPU shape options, shared with the benchmark (fastattn.perf.scaling); the
+    defaults are the acceptance case of issue 15."""
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--shard", type=int, default=65536, help="sequence positions per GPU")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--window", type=int, nargs=2, default=[4096, 0], metavar=("LEFT", "RIGHT"))
+    p.add_argument("--dtype", choices=sorted(ELEMENT_BYTES), default="bf16")
+
+
+def shape_of(args) -> Shape:
+    return Shape(args.batch, args.heads, args.shard, args.head_dim, tuple(args.window), args.dtype)
+
+
 def main(args) -> int:
-    shape = Shape(args.batch, args.heads, args.shard, args.head_dim, tuple(args.window), args.dtype)
+    shape = shape_of(args)
     print(f"Shape per GPU (B, H, L_r, D) = ({shape.batch}, {shape.heads}, {shape.shard}, "
           f"{shape.head_dim}), window {shape.window}, {shape.dtype}; one GPU runs one shard's "
           f"sequence alone in {predict(shape, 1).single_us['fwd'] / 1e3:.2f} ms fwd, "
@@ -158,11 +173,6 @@ def main(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("halo-model", help="predicted cost of distributed local attention",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--shard", type=int, default=65536, help="sequence positions per GPU")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, nargs=2, default=[4096, 0], metavar=("LEFT", "RIGHT"))
-    p.add_argument("--dtype", choices=sorted(ELEMENT_BYTES), default="bf16")
+    add_shape_arguments(p)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 8, 64, 512])
     p.set_defaults(func=main)

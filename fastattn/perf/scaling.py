@@ -22,6 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from fastattn.perf.halo import add_shape_arguments, shape_of
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIRECTIONS = ("fwd", "fwd+bwd")
 
@@ -78,12 +80,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="torchrun ... -m fastattn.perf.scaling",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--shard", type=int, default=65536, help="sequence positions per rank")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, nargs=2, default=[4096, 0], metavar=("LEFT", "RIGHT"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_shape_arguments(p)
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
@@ -95,8 +92,9 @@ def main(argv=None) -> int:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    shape = (args.batch, args.heads, args.shard, args.head_dim)
-    window, dtype = tuple(args.window), DTYPES[args.dtype]
+    spec = shape_of(args)
+    shape = (spec.batch, spec.heads, spec.shard, spec.head_dim)
+    window, dtype = spec.window, DTYPES[spec.dtype]
     rows = []
     for direction in DIRECTIONS:
         alone = measure(fastattn.local_attention, shape, window, dtype, direction, device,
@@ -109,7 +107,7 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         world = dist.get_world_size()
         print(f"{world} ranks ({dist.get_backend()}, {name}), per rank (B, H, L_r, D) = {shape}, "
-              f"window {window}, {args.dtype}, torch {torch.__version__}\n")
+              f"window {window}, {spec.dtype}, torch {torch.__version__}\n")
         print(f"| direction | one shard alone | {world} ranks, slowest | efficiency |")
         print("|---|---|---|---|")
         print("\n".join(rows))
