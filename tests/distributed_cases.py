@@ -42,6 +42,7 @@ class Case:
     return_lse: bool = True
     layout: str = "bhld"  # "blhd": each shard a (B, H, L_r, D) view of (B, L_r, H, D) storage
     grad: bool = True  # False: called under torch.no_grad(), outputs only
+    group_ranks: tuple[int, ...] | None = None  # a subgroup of these world ranks (else WORLD)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def _cases(world: int) -> list:
             Case("empty-shard-w50x50", (6, 0, 9, 5), (50, 50), key_lengths=(8, 20)),
             Case("empty-shard-w4x0-bf16", (6, 0, 9, 5), (4, 0), torch.bfloat16),
             Case("no-halo-w0x0", n, (0, 0)),
+            Case("subgroup-of-ranks-1-2-3-w6x4", (5, 8, 4), (6, 4), key_lengths=(10, 17),
+                 group_ranks=(1, 2, 3)),
             *_bad_cases(n),
             Case("after-errors-w9x9", n, (9, 9)),
         ]
@@ -207,6 +210,12 @@ def _reference(q, k, v, case, key_lengths, grad_out, grad_lse, as_dtype):
 
 
 def _run_case(case: Case, rank: int, device):
+    group = None
+    if case.group_ranks is not None:
+        group = dist.new_group(list(case.group_ranks))  # collective over the world
+        if rank not in case.group_ranks:
+            return
+        rank = dist.get_rank(group)  # shards are in the group's rank order
     (q, k, v, grad_out, grad_lse), key_lengths = _inputs(case, device)
     gold_lse = local_attention_reference(q.double(), k.double(), v.double(), case.window,
                                          key_lengths=key_lengths, return_lse=True)[1]
@@ -224,8 +233,8 @@ def _run_case(case: Case, rank: int, device):
     shard = [t.requires_grad_(case.grad) for t in shard]
     kl = None if key_lengths is None else key_lengths.to(device)
     with torch.set_grad_enabled(case.grad):
-        result = fastattn.distributed.local_attention(*shard, case.window, key_lengths=kl,
-                                                      return_lse=case.return_lse)
+        result = fastattn.distributed.local_attention(*shard, case.window, group=group,
+                                                      key_lengths=kl, return_lse=case.return_lse)
     out, lse = result if case.return_lse else (result, None)
     if case.grad:
         _loss(out, lse, grad_out[:, :, lo:hi], None if lse is None else grad_lse[:, :, lo:hi]
