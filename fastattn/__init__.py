@@ -17,11 +17,16 @@ _EXPORTS = {
     "improved_clustered_attention": "fastattn.clustered",
 }
 
+# subpackages reachable as attributes after a plain `import fastattn`
+_SUBMODULES = ("distributed",)
+
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastattn.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("compare", "baselines", "history", "report", "check", "fastest", "windows")
+COMMANDS = ("compare", "baselines", "history", "report", "check", "fastest", "windows",
+            "halo")
 
 
 def main(argv: list[str] | None = None) -> int:
