@@ -4,9 +4,9 @@ The source list and compiler flags here are also those of the ahead-of-time buil
 (setup.py), so a wheel and a JIT build compile the same thing. The compiled library only
 registers ops with the dispatcher (``TORCH_LIBRARY``); it has no Python module of its own.
 Whether a prebuilt library or this build is loaded is fastattn/_library.py's choice. Builds
-are cached in a folder keyed by everything that
-changes the binary: the sources, the torch version, the CUDA arch list and whether the
-CUDA sources are included. ``import fastattn`` never calls into this module's build path.
+are cached in a folder keyed by everything that changes the binary: the sources, the torch
+version, the CUDA arch list, whether the CUDA sources are included and the compiler flags.
+``import fastattn`` never calls into this module's build path.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _build_key(with_cuda: bool, arches: str) -> str:
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(f"cuda={with_cuda};arch={arches}".encode())
+    digest.update(f"cuda={with_cuda};arch={arches};{compile_args(with_cuda, arches)}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -163,3 +163,11 @@ def test_prebuilt_for_another_torch_falls_back_to_the_jit_build(tmp_path, monkey
     with pytest.warns(UserWarning, match="built for torch 2.0.0.*compiling fastattn's sources"):
         library = _library.load(package)
     assert not library.prebuilt and library.path == jit
+
+
+def test_no_jit_without_a_prebuilt_library_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTATTN_NO_JIT", "1")
+    monkeypatch.setattr(_build, "build", lambda: pytest.fail("FASTATTN_NO_JIT=1 compiled"))
+    with pytest.raises(fastattn.BuildError, match="FASTATTN_NO_JIT=1 and no prebuilt library is "
+                                                  "installed: install a fastattn wheel"):
+        _library.load(tmp_path)
