@@ -16,7 +16,7 @@ ON_GPU = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available(
 SHAPES ?= $(if $(ON_GPU),default,smoke)
 RESULTS ?= results
 
-.PHONY: setup test bench bench-check bench-twice window-sweep fast-transformers build build-cuda lint clean
+.PHONY: setup test bench bench-check bench-twice window-sweep fast-transformers build build-cuda wheel wheel-check lint clean
 
 setup: $(if $(HAVE_DEPS),,$(VENV)/.installed)
 
@@ -36,6 +36,20 @@ build-cuda: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The ahead-of-time build (setup.py, docs/install.md): a wheel compiled against this torch into
+# $(WHEEL_OUT)/dist, with CUDA kernels where nvcc is found (TORCH_CUDA_ARCH_LIST; FASTATTN_BUILD_CUDA=1
+# requires them). `make wheel-check` installs that wheel (make it first) into a fresh venv and runs
+# the CPU tests there, against the installed package, with the JIT build disabled
+# (tools/wheel_check.sh).
+WHEEL_OUT ?= $(RESULTS)/wheel
+wheel: setup
+	$(PY) -m pip install -q "setuptools>=68" wheel
+	rm -rf $(WHEEL_OUT)/dist build/lib* build/temp*
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w $(WHEEL_OUT)/dist .
+
+wheel-check: setup
+	PYTHON="$(PYTHON)" BUILD_PY="$(PY)" OUT=$(WHEEL_OUT) tools/wheel_check.sh
 
 # The benchmark suite: JSON (every round kept, seconds per call) in $(RESULTS)/bench.json, also
 # saved to pytest-benchmark's storage for --benchmark-compare; then the markdown table and the

@@ -111,7 +111,7 @@ def _load_error() -> str | None:
     from fastattn import _ops
 
     try:
-        _ops.ensure_loaded()
+        _ops.load()
     except Exception as exc:  # BuildError, or a toolchain problem: report it, do not time
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

@@ -1,7 +1,8 @@
 """Loads the compiled ops and registers their fake (meta) and autograd implementations.
 
 Schemas live in csrc/ops.cpp; this module only adds what Python must add. Loading is lazy:
-``import fastattn`` never compiles; the first op call does (see ``ensure_loaded``).
+``import fastattn`` never loads or compiles; the first op call does (see ``ensure_loaded``),
+taking the prebuilt library or the JIT build (fastattn/_library.py).
 """
 
 from __future__ import annotations
@@ -10,29 +11,33 @@ import threading
 
 import torch
 
-from fastattn import _build
+from fastattn import _library
 
 _lock = threading.Lock()
-_loaded = False
+library: _library.Library | None = None  # the loaded one, after the first op call
+_checked_devices: set[torch.device] = set()
 
 
-def load() -> None:
-    """Build (or reuse the cached build of) the extension and register the Python side."""
-    global _loaded
-    if _loaded:
-        return
+def load() -> _library.Library:
+    """Load the prebuilt library or the JIT build (once) and register the Python side."""
+    global library
+    if library is not None:
+        return library
     with _lock:
-        if _loaded:
-            return
-        _build.build()
-        _register()
-        _loaded = True
+        if library is None:
+            loaded = _library.load()
+            _register()
+            library = loaded
+    return library
 
 
 @torch.compiler.assume_constant_result
-def ensure_loaded() -> bool:
-    """Cheap after the first call; under torch.compile it runs once at trace time."""
-    load()
+def ensure_loaded(device: torch.device) -> bool:
+    """Cheap after the first call per device; under torch.compile it runs at trace time."""
+    loaded = load()
+    if device not in _checked_devices:
+        _library.check_device(loaded, device)
+        _checked_devices.add(device)
     return True
 
 

@@ -50,8 +50,8 @@ def cluster(q, clusters, *, iterations=10, bits=32, generator=None, query_length
     query_lengths = check_lengths(query_lengths, "query_lengths", batch, q.device)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    _ops.ensure_loaded(q.device)  # before _draw allocates on a device it may have no kernel for
     planes, seed = _draw(generator, bits, head_dim, q.device)
-    _ops.ensure_loaded()
     labels, counts = torch.ops.fastattn.cluster(
         q.detach(), planes, seed, query_lengths, clusters, iterations)
     return Clustering(labels, counts)
@@ -99,7 +99,7 @@ def _attention(q, k, v, clusters, clustering, topk, iterations, bits, query_leng
     key_lengths = check_lengths(key_lengths, "key_lengths", q.shape[0], q.device)
     labels, num_clusters = _labels_of(q, clusters, clustering, iterations, bits, generator,
                                       query_lengths)
-    _ops.ensure_loaded()
+    _ops.ensure_loaded(q.device)
     out, *_ = torch.ops.fastattn.clustered_attention_fwd(
         q, k, v, labels.contiguous(), num_clusters, min(topk, q.shape[2]), key_lengths, scale)
     return out

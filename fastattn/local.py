@@ -22,7 +22,7 @@ def local_attention(q, k, v, window, *, key_lengths=None, scale=None, return_lse
     scale = check_scale(scale, q.shape[-1])
     key_lengths = check_lengths(key_lengths, "key_lengths", q.shape[0], q.device)
     seq_len = q.shape[2]
-    _ops.ensure_loaded()
+    _ops.ensure_loaded(q.device)
     out, lse = torch.ops.fastattn.local_attention_fwd(
         q, k, v, min(left, seq_len), min(right, seq_len), key_lengths, scale
     )

@@ -65,7 +65,7 @@ def random_clustering(batch, heads, seq_len, clusters, device="cpu", used=None, 
 
 def kernel_topk(q, k, v, clustering, topk, key_lengths=None, scale=None):
     """The top-k indices the kernel selects (the op's fifth output)."""
-    _ops.ensure_loaded()
+    _ops.ensure_loaded(q.device)
     lengths = None if key_lengths is None else key_lengths.to(q.device, torch.int32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.ops.fastattn.clustered_attention_fwd(

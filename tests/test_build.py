@@ -6,6 +6,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+# The JIT build of a checkout's csrc/ (an installed wheel has no sources to build).
+pytestmark = pytest.mark.source_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

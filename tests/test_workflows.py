@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# The checkout's .github/workflows and Makefile.
+pytestmark = pytest.mark.source_tree
+
 yaml = pytest.importorskip("yaml", reason="pyyaml is not installed (make gate-setup installs it)")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,16 @@
 # --switch LABEL=VAR, ...).
 #   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
 #                                   and truncated-file checks, history; table + chart of the run
+#   tools/gpu_acceptance.sh wheel   the wheel (issue 16): build it for this machine's torch (default
+#                                   arch list, timed), install it into a venv that sees this
+#                                   python's torch but not the checkout, and run the CUDA tests
+#                                   from a copy of tests/ against it with FASTATTN_NO_JIT=1
 # Logs and results go to $OUT (default results/gpu); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-results/gpu}"
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # the wheel step runs its tests from another folder
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 export FASTATTN_BUILD_DIR="${FASTATTN_BUILD_DIR:-$PWD/build/ext}"
 export FASTATTN_COMMIT="${FASTATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -90,8 +95,24 @@ for d in (64, 128):
     cp "$run/history/history.md" "$OUT/history.md" 2>/dev/null
     tail -n 12 "$OUT/gate.log"
     ;;
+  wheel)
+    gpu_info
+    wheel="$OUT/wheel"
+    rm -rf "$wheel" build/lib* build/temp*
+    step wheel-build "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$wheel/dist" . ||
+      { tail -n 30 "$OUT/wheel-build.log"; exit 1; }
+    # This machine reaches no package index: the venv takes torch from $PYTHON's packages.
+    "$PYTHON" -m venv --system-site-packages "$wheel/venv"
+    "$wheel/venv/bin/python" -m pip install -q --no-deps --force-reinstall "$wheel"/dist/*.whl
+    mkdir -p "$wheel/suite" && cp -r tests bench conftest.py pyproject.toml "$wheel/suite/"
+    step wheel-tests env -u PYTHONPATH FASTATTN_NO_JIT=1 bash -c "cd '$wheel/suite' &&
+      '$wheel/venv/bin/python' -m fastattn.build --info &&
+      '$wheel/venv/bin/python' -m pytest -q -p no:cacheprovider -m 'cuda and not source_tree' -rfEs tests"
+    head -n 1 "$OUT/wheel-tests.log"
+    tail -n 3 "$OUT/wheel-tests.log"
+    ;;
   *)
-    echo "usage: $0 tests|forward|backward|bench" >&2
+    echo "usage: $0 tests|forward|backward|bench|wheel" >&2
     exit 2
     ;;
 esac
