@@ -162,7 +162,8 @@ def agree(q, k, v, window, key_lengths, scale, group) -> Agreed:
         checked["window"] = check_window(window)
         checked["scale"] = check_scale(scale, q.shape[-1])
         checked["key_lengths"] = check_lengths(key_lengths, "key_lengths", q.shape[0], q.device)
-        _ops.ensure_loaded()  # a failed build too must fail every rank, not hang the others
+        # A failed build, or a device no built kernel runs on, must fail every rank too.
+        _ops.ensure_loaded(q.device)
     except (TypeError, ValueError, BuildError) as error:
         status = next(code for code, kind in _ERRORS.items() if isinstance(error, kind))
         local_error = error
