@@ -8,6 +8,9 @@ then its own test here. A spawn that outlives its deadline is killed and fails t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,9 +23,11 @@ _PARAMS = [pytest.param(world, case.name, id=f"w{world}-{case.name}")
 
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory):
-    from fastattn import _ops
-
-    _ops.load()  # build once here, not in W racing children
+    # Build once here, not in W racing children (whose compile would outlast the group's
+    # timeout), and in a fresh process: this one may have loaded a library from another build
+    # folder (tests of the build point FASTATTN_BUILD_DIR elsewhere), which the children,
+    # spawned with the session's own environment, would not find.
+    subprocess.run([sys.executable, "-m", "fastattn.build"], check=True, capture_output=True)
     cache = {}
 
     def results(world):
