@@ -140,16 +140,22 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalA
 }
 
 // One key tile of the online softmax for the two rows (w0 + g, w0 + g + 8) a lane holds: masks
-// s, moves it to base-2 units, updates the running max and sum, and leaves the unnormalised
-// probabilities in s and, per row, the factor by which the output accumulated so far must be
-// rescaled.
-template <int kBc>
+// s, updates the running max and sum, and leaves the unnormalised probabilities in s and, per
+// row, the factor by which the output accumulated so far must be rescaled. The scores go to
+// base-2 units (times scale_log2) first, or, with kFoldScale, the max stays in raw score units
+// and scale and max are applied by one FFMA per score (max(c s) = c max(s) needs c > 0: the
+// caller keeps other scales on the default path, and scales row_max by scale_log2 at the end).
+template <int kBc, bool kFoldScale = false>
 __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&correction)[2],
                                                const LocalAttentionParams& p, int64_t keys,
                                                int64_t w0, int64_t k0, float scale_log2,
                                                int lane) {
-  mask_scores<kBc, true>(s, p, keys, w0, k0, scale_log2, lane);
+  mask_scores<kBc, !kFoldScale>(s, p, keys, w0, k0, scale_log2, lane);
+  // x - m in base-2 units (the compiler would keep a multiply-add by 1 as an FFMA).
+  const auto shifted = [&](float x, float m, float m_scaled) {
+    return kFoldScale ? fmaf(x, scale_log2, -m_scaled) : x - m;
+  };
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
@@ -158,13 +164,14 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&r
     const float new_max = fmaxf(row_max[r], quad_max(mx));
     // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
     const float base = new_max == -INFINITY ? 0.f : new_max;
-    correction[r] = exp2f(row_max[r] - base);
+    const float base_scaled = kFoldScale ? base * scale_log2 : base;
+    correction[r] = exp2f(kFoldScale ? (row_max[r] - base) * scale_log2 : row_max[r] - base);
     row_max[r] = new_max;
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < kBc / 8; ++i) {
-      s[i][2 * r] = exp2f(s[i][2 * r] - base);
-      s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - base);
+      s[i][2 * r] = exp2f(shifted(s[i][2 * r], base, base_scaled));
+      s[i][2 * r + 1] = exp2f(shifted(s[i][2 * r + 1], base, base_scaled));
       sum += s[i][2 * r] + s[i][2 * r + 1];
     }
     row_sum[r] = row_sum[r] * correction[r] + sum;

@@ -144,50 +144,11 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
   }
 }
 
-// How a consumer's online softmax applies the scale:
-//   kFolded  the max kept in raw score units, scale and max applied by one FFMA per score
-//            (max(c s) = c max(s) needs c > 0): the default where the scale is positive,
-//            3-6% off the forward at D = 128 (kernel-notes, v3e);
-//   kExact   every score scaled, then the max subtracted (online_softmax): other scales, and
-//            FASTATTN_WS_FWD_EXACT=1 for comparison.
-enum class FwdSoftmax { kExact, kFolded };
-
-// One key tile of the online softmax in the mode's units (see FwdSoftmax).
-template <int kBc, FwdSoftmax kMode>
-__device__ __forceinline__ void ws_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
-                                           float (&row_sum)[2], float (&correction)[2],
-                                           const LocalAttentionParams& p, int64_t keys,
-                                           int64_t w0, int64_t k0, float scale_log2, int lane) {
-  if constexpr (kMode == FwdSoftmax::kExact) {
-    online_softmax<kBc>(s, row_max, row_sum, correction, p, keys, w0, k0, scale_log2, lane);
-  } else {
-    mask_scores<kBc, false>(s, p, keys, w0, k0, scale_log2, lane);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kBc / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-      const float new_max = fmaxf(row_max[r], quad_max(mx));
-      // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0.
-      const float base = new_max == -INFINITY ? 0.f : new_max;
-      const float base_scaled = base * scale_log2;
-      correction[r] = exp2f((row_max[r] - base) * scale_log2);
-      row_max[r] = new_max;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kBc / 8; ++i) {
-        s[i][2 * r] = exp2f(fmaf(s[i][2 * r], scale_log2, -base_scaled));
-        s[i][2 * r + 1] = exp2f(fmaf(s[i][2 * r + 1], scale_log2, -base_scaled));
-        sum += s[i][2 * r] + s[i][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
-    }
-  }
-}
-
 // One consumer warpgroup (wg 0 or 1: queries q0 + 64 wg ..) over one query tile: the pipelined
 // loop over the band, then the store.
-template <typename T, int D, FwdSoftmax kMode>
+// kFoldScale: the softmax with scale and max in one FFMA (online_softmax), the default where the
+// scale is positive (3-6% off the forward at D = 128: kernel-notes, v3e).
+template <typename T, int D, bool kFoldScale>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
                                            const WsFwdSmem<T, D>& sm, WsProgress& at, int wg,
                                            int tid) {
@@ -228,8 +189,8 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     wgmma_wait<0>();
     fence_accumulators(s);
     release_q_after(0);
-    ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo, scale_log2,
-                           lane);
+    online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo,
+                                    scale_log2, lane);
     pack_probabilities<T, kBc>(pa, s);
 
     for (int n = 1; n < n_tiles; ++n) {
@@ -246,8 +207,8 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       wgmma_wait<1>();  // S_n is ready; P_{n-1} V_{n-1} may still run
       fence_accumulators(s);
       release_q_after(n);
-      ws_softmax<kBc, kMode>(s, row_max, row_sum, correction, p, blk.keys, w0,
-                             blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+      online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0,
+                                      blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
       wgmma_wait<0>();
       fence_accumulators(o);
       __syncwarp();
@@ -269,7 +230,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     if (lane == 0) mbar_arrive(&sm.empty[last]);
     at.kv_tiles += n_tiles;
     ++at.q_tiles;
-    if constexpr (kMode != FwdSoftmax::kExact) {  // the store wants the max scaled, base 2
+    if constexpr (kFoldScale) {  // the store wants the max scaled, base 2
       row_max[0] *= scale_log2;
       row_max[1] *= scale_log2;
     }
@@ -280,7 +241,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
 // Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
-template <typename T, int D, FwdSoftmax kMode>
+template <typename T, int D, bool kFoldScale>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
@@ -319,7 +280,7 @@ __global__ void __launch_bounds__(384, 1)
     regs_increase<Cfg::kConsumerRegs>();
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
       const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kMode>(p, blk, sm, at, warpgroup - 1, tid);
+      ws_consume<T, D, kFoldScale>(p, blk, sm, at, warpgroup - 1, tid);
     }
   }
 #else
@@ -347,8 +308,7 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   }
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  auto kernel = folds ? local_fwd_ws_kernel<T, D, FwdSoftmax::kFolded>
-                      : local_fwd_ws_kernel<T, D, FwdSoftmax::kExact>;
+  auto kernel = folds ? local_fwd_ws_kernel<T, D, true> : local_fwd_ws_kernel<T, D, false>;
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(Cfg::kSmem));
   if (*err != cudaSuccess) return true;
