@@ -23,23 +23,21 @@ import torch
 import torch.distributed as dist
 
 from fastattn.perf.halo import add_shape_arguments, shape_of
+from fastattn.perf.timing import _event_time
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIRECTIONS = ("fwd", "fwd+bwd")
 
 
 def _seconds_per_call(fn, calls: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def all_calls():
         for _ in range(calls):
             fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
+
+    if device.type == "cuda":  # CUDA-event time of the whole loop, as the suite's timer reads it
+        return _event_time(None, all_calls, sync_first=False) / calls
     started = time.perf_counter()
-    for _ in range(calls):
-        fn()
+    all_calls()
     return (time.perf_counter() - started) / calls
 
 
