@@ -25,9 +25,9 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo, u
 
 // The descriptor of a tile `elements` further on in shared memory: the address field (bits
 // 0-13, in 16-byte units) of a descriptor built once plus a constant, instead of a descriptor
-// rebuilt from the address at every k-step (the masks and shifts are a tenth of the kernels'
-// instructions otherwise: kernel-notes). No carry leaves the field: shared addresses stay
-// below 2^18 bytes, the field's reach.
+// rebuilt from the address at every k-step (its masks and shifts were 12-15% of the Hopper
+// kernels' uniform-datapath instructions in SASS: kernel-notes, v3g / b7). No carry leaves the
+// field: shared addresses stay below 2^18 bytes, the field's reach.
 template <typename T>
 __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, int elements) {
   return desc + static_cast<uint64_t>((elements * static_cast<int>(sizeof(T))) >> 4);
