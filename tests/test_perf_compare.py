@@ -425,6 +425,18 @@ def test_a_case_is_judged_against_its_processes_spread(tmp_path, rng, capsys):
     assert gate(base, run) == 1
 
 
+def test_a_slowdown_is_caught_past_one_slow_baseline_process(tmp_path, rng, capsys):
+    """A baseline of seven processes, two of them in a slow mode, still catches x1.2: what is
+    compared is the fastest process, and its spread is the next-fastest's distance from it."""
+    base_raw = make_run(noisy_cases(rng))
+    for bench in base_raw["benchmarks"]:
+        median = float(np.median(bench["stats"]["data"]))
+        bench["extra_info"]["process_medians"] = [median * f for f in (1.6, 1.0, 1.02, 1.6, 1.01, 1.03, 1.04)]
+        bench["extra_info"]["process_spread"] = 0.6  # as written before: max / min - 1
+    base = write_run(tmp_path / "b.json", base_raw)
+    assert gate(base, write_run(tmp_path / "r.json", make_run(noisy_cases(rng, factor=1.2)))) == 1
+
+
 def test_bad_gate_option_exits_2(pair, capsys):
     assert gate(*pair, "--gate", " , ") == 2
     assert "--gate" in capsys.readouterr().err

@@ -64,5 +64,15 @@ def test_the_spread_of_the_process_medians_is_recorded(rng):
     info = combined["benchmarks"][0]["extra_info"]
     medians = [float(np.median(p["benchmarks"][0]["stats"]["data"])) for p in parts]
     assert info["process_medians"] == pytest.approx(medians)
-    assert info["process_spread"] == pytest.approx(max(medians) / min(medians) - 1)
+    assert info["process_spread"] == pytest.approx(sorted(medians)[1] / min(medians) - 1)
     assert info["processes"] == 3
+
+
+def test_one_slow_process_does_not_widen_the_spread(rng):
+    """The CI VM's slow mode (one process of seven 60% slower) is what the fastest-of drops: it
+    must not raise the threshold the kept median is judged at."""
+    name = next(iter(noisy_cases(rng, n_cases=1)))
+    factors = (1.6, 1.0, 1.01, 1.6, 1.02, 1.6, 1.6)
+    parts = [make_run({name: noisy_cases(rng, n_cases=1, factor=f)[name]}) for f in factors]
+    info = fastest_per_case([as_run(part) for part in parts])["benchmarks"][0]["extra_info"]
+    assert info["process_spread"] < 0.05

@@ -9,8 +9,9 @@ implementation is its ``extra_info["impl"]``; a case without one is gated). The 
 (peers, references) are *controls*: judged and reported, never failed, and their median
 run/baseline ratio is the machine's drift: when the controls are slower, each gated case is
 judged against its threshold times that drift (a machine-wide slowdown is not ours). A case
-whose baseline (or run) was timed in several processes (``fastest-of``) records the spread of
-the per-process medians, and is judged against the larger of its threshold and that spread.
+whose baseline (or run) was timed in several processes (``fastest-of``) keeps its fastest
+process, and is judged against the larger of its threshold and that kept median's
+between-process spread (``fastest.fastest_spread``: second-lowest / lowest process median).
 
 - 0: no case regressed (improvements, unclear moves, new and missing cases are reported only),
 - 1: at least one case regressed,
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fastattn.perf import stats
+from fastattn.perf.fastest import fastest_spread
 from fastattn.perf.runs import Case, Run, RunError, load_run
 
 EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
@@ -208,10 +210,14 @@ def is_gated(case: Case, gate: tuple[str, ...] | None) -> bool:
 
 
 def process_spread(case: Case | None) -> float:
-    """The spread of a case's per-process medians (max / min - 1) where it was timed in several
-    processes, else 0."""
+    """The between-process noise of a case's kept median where it was timed in several processes
+    (``fastest.fastest_spread``), else 0."""
     if case is None:
         return 0.0
+    medians = case.extra_info.get("process_medians")
+    if isinstance(medians, list) and len(medians) > 1 and all(
+            isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in medians):
+        return fastest_spread(medians)  # files written before the spread was the jackknife's
     value = case.extra_info.get("process_spread")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else 0.0
 
