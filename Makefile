@@ -114,7 +114,7 @@ gate-setup: setup
 	$(PY) -m pip install -q -e ".[gate]"
 
 # A baseline is BASELINE_PROCESSES runs of the suite, each in a fresh process: per case the
-# fastest process is kept, with the spread of the per-process medians, the between-process
+# fastest process is kept, with its between-process spread (second-fastest over fastest), the
 # noise that the gate then allows that case (docs/gate.md). BASELINE_PROCESSES=1: one run.
 BASELINE_PROCESSES ?= 3
 baseline: setup
