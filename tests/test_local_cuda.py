@@ -226,10 +226,19 @@ def test_key_padding_is_never_read(dtype, head_dim):
     check_against_reference(q, k, v, window, key_lengths=key_lengths, fn=fn)
 
 
+# How the Hopper forward loads Q: its own producer warp, two buffers at D = 64 (the default), or
+# the K / V thread before each tile's K / V into one buffer (FASTATTN_WS_FWD_ONE_Q=1).
+HOPPER_FWD_Q_LOADING = ["default", "FASTATTN_WS_FWD_ONE_Q"]
+
+
+@pytest.mark.parametrize("switch", HOPPER_FWD_Q_LOADING,
+                         ids=lambda s: s.replace("FASTATTN_WS_FWD_", "").lower())
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
-def test_more_query_tiles_than_the_gpu_has_blocks(head_dim):
-    """The Hopper forward is persistent (a block per SM walks several query tiles, its K/V ring
-    and barriers carried over): more work items than SMs, some of them with no key at all."""
+def test_more_query_tiles_than_the_gpu_has_blocks(head_dim, switch, monkeypatch):
+    """The Hopper forward is persistent (a block per SM walks several query tiles, its K/V ring,
+    Q buffers and barriers carried over): more work items than SMs, some with no key at all."""
+    if switch != "default":
+        monkeypatch.setenv(switch, "1")
     _ops.load()
     seq_len = 2200
     heads = -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // (seq_len // 128))

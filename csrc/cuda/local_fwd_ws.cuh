@@ -3,10 +3,12 @@
 //
 // A block of three warpgroups owns 128 queries of one (batch, head) at a time (persistent: it
 // takes query tiles blockIdx.x, + gridDim.x, ...):
-// - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q and of each
-//   K / V tile of the band into a ring of kStages stages, each completing on its own mbarrier
-//   ("full"); it reuses a stage (and Q) once both consumers have released it ("empty"). It
-//   gives its registers away (setmaxnreg) to the consumers.
+// - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of each K / V tile
+//   of the band into a ring of kStages stages, each completing on its own mbarrier ("full"),
+//   and reuses a stage once both consumers have released it ("empty"); another warp loads
+//   each query tile's Q the same way into kQBuffers buffers (two at D = 64), so that the K / V
+//   stream never waits for a Q buffer to be released (kQWarp; kernel-notes, v3h). It gives its
+//   registers away (setmaxnreg) to the consumers.
 // - warpgroups 1 and 2 are consumers, 64 queries each, over the same key tiles. Per tile n:
 //   S = Q K_n^T and O += P_{n-1} V_{n-1} are issued together as wgmma, then the softmax of S_n
 //   runs while those products are on the tensor cores (intra-warpgroup overlap). Two named
@@ -33,16 +35,21 @@
 
 namespace fastattn::cuda {
 
-template <typename T, int D>
+// kQWarp: Q loaded by its own producer warp into kQBuffers buffers (the default); false: by the
+// K / V thread before the tile's K / V, into one buffer (v3g, FASTATTN_WS_FWD_ONE_Q=1).
+template <typename T, int D, bool kQWarp = true>
 struct WsFwdConfig {
   static constexpr int kThreads = 384, kBr = 128, kBc = 128;
   static constexpr int kStages = D == 64 ? 4 : 3;
+  // A second Q buffer fits beside 4 stages at D = 64; at D = 128 it would cost the third stage.
+  static constexpr int kQBuffers = kQWarp && D == 64 ? 2 : 1;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * (40 + 2 * 232) <= 64K
   static constexpr int kTileBytes = kBc * D * static_cast<int>(sizeof(T));
   static constexpr int kQBytes = kBr * D * static_cast<int>(sizeof(T));
-  // Q, K stages, V stages, then the mbarriers; + 1024 bytes of alignment slack.
-  static constexpr size_t kBarrierOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * (2 + 3 * kStages);
+  // Q buffers, K stages, V stages, then the mbarriers; + 1024 bytes of alignment slack.
+  static constexpr size_t kBarrierOffset = kQBuffers * kQBytes + 2 * kStages * kTileBytes;
+  static constexpr size_t kSmem = 1024 + kBarrierOffset + 8 * (2 * kQBuffers + 3 * kStages);
+  static_assert(kSmem <= 227 * 1024, "more shared memory than a Hopper block can have");
 };
 
 struct FwdTensorMaps {
@@ -51,9 +58,9 @@ struct FwdTensorMaps {
 
 // The block's shared memory: Q, the K and V rings (D / 64 column blocks per tile, each rows x
 // 128 bytes in the 128-byte swizzle layout), and the barriers.
-template <typename T, int D>
+template <typename T, int D, bool kQWarp>
 struct WsFwdSmem {
-  using Cfg = WsFwdConfig<T, D>;
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
   T* q;
   T* k;
   T* v;
@@ -65,16 +72,26 @@ struct WsFwdSmem {
 
   __device__ __forceinline__ explicit WsFwdSmem(unsigned char* base)
       : q(reinterpret_cast<T*>(base)),
-        k(reinterpret_cast<T*>(base + Cfg::kQBytes)),
-        v(reinterpret_cast<T*>(base + Cfg::kQBytes + Cfg::kStages * Cfg::kTileBytes)),
+        k(reinterpret_cast<T*>(base + Cfg::kQBuffers * Cfg::kQBytes)),
+        v(reinterpret_cast<T*>(base + Cfg::kQBuffers * Cfg::kQBytes +
+                               Cfg::kStages * Cfg::kTileBytes)),
         q_full(reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset)),
-        q_empty(q_full + 1),
-        k_full(q_full + 2),
+        q_empty(q_full + Cfg::kQBuffers),
+        k_full(q_full + 2 * Cfg::kQBuffers),
         v_full(k_full + Cfg::kStages),
         empty(v_full + Cfg::kStages) {}
   __device__ __forceinline__ T* k_stage(int s) const { return k + s * Cfg::kBc * D; }
   __device__ __forceinline__ T* v_stage(int s) const { return v + s * Cfg::kBc * D; }
+  __device__ __forceinline__ T* q_buffer(int s) const { return q + s * Cfg::kBr * D; }
 };
+
+// The i-th query tile a block loads goes to buffer i % kQBuffers; its barriers' phase.
+template <class Cfg>
+__device__ __forceinline__ int q_slot(int i) { return i % Cfg::kQBuffers; }
+template <class Cfg>
+__device__ __forceinline__ uint32_t q_phase(int i) {
+  return static_cast<uint32_t>((i / Cfg::kQBuffers) & 1);
+}
 
 // Where a block stands in its stream of work: K/V tiles through the ring so far (the ring's
 // stage and phase continue from one query tile to the next) and Q tiles loaded so far.
@@ -83,25 +100,38 @@ struct WsProgress {
   int q_tiles = 0;
 };
 
-// The producer warp, for one query tile: Q (once the consumers are done with the previous Q),
-// then every K / V tile of the band through the ring.
-template <typename T, int D>
-__device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const FwdTensorMaps& maps,
-                                           const FwdBlock<T>& blk, const WsFwdSmem<T, D>& sm,
-                                           WsProgress& at, int lane) {
-  using Cfg = WsFwdConfig<T, D>;
-  constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
-  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
-  if (at.q_tiles > 0) mbar_wait(sm.q_empty, (at.q_tiles - 1) & 1);
+// A query tile's Q, once the consumers are done with the tile that last used its buffer.
+template <typename T, int D, bool kQWarp>
+__device__ __forceinline__ void ws_produce_q(const FwdTensorMaps& maps, const FwdBlock<T>& blk,
+                                             const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
+                                             int lane) {
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
+  const int slot = q_slot<Cfg>(at.q_tiles);
+  if (at.q_tiles >= Cfg::kQBuffers) {
+    mbar_wait(&sm.q_empty[slot], q_phase<Cfg>(at.q_tiles - Cfg::kQBuffers));
+  }
   if (lane == 0) {
-    mbar_arrive_expect_tx(sm.q_full, Cfg::kQBytes);
+    mbar_arrive_expect_tx(&sm.q_full[slot], Cfg::kQBytes);
 #pragma unroll
     for (int cb = 0; cb < D / 64; ++cb) {
-      tma_load_4d(sm.q + cb * Cfg::kBr * 64, &maps.q, sm.q_full, cb * 64,
-                  static_cast<int>(blk.q0), h, b);
+      tma_load_4d(sm.q_buffer(slot) + cb * Cfg::kBr * 64, &maps.q, &sm.q_full[slot], cb * 64,
+                  static_cast<int>(blk.q0), static_cast<int>(blk.h), static_cast<int>(blk.b));
     }
   }
   ++at.q_tiles;
+}
+
+// The K / V producer warp, for one query tile: every K / V tile of the band through the ring
+// (and first the tile's Q, where no Q warp does that).
+template <typename T, int D, bool kQWarp>
+__device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const FwdTensorMaps& maps,
+                                           const FwdBlock<T>& blk,
+                                           const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
+                                           int lane) {
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
+  constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
+  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  if constexpr (!kQWarp) ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, lane);
   for (int n = 0; n < blk.n_tiles; ++n, ++at.kv_tiles) {
     const int stage = at.kv_tiles % kStages;
     if (at.kv_tiles >= kStages) mbar_wait(&sm.empty[stage], ((at.kv_tiles / kStages) - 1) & 1);
@@ -148,16 +178,17 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
 // loop over the band, then the store.
 // kFoldScale: the softmax with scale and max in one FFMA (online_softmax), the default where the
 // scale is positive (3-6% off the forward at D = 128: kernel-notes, v3e).
-template <typename T, int D, bool kFoldScale>
+template <typename T, int D, bool kFoldScale, bool kQWarp>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
-                                           const WsFwdSmem<T, D>& sm, WsProgress& at, int wg,
-                                           int tid) {
-  using Cfg = WsFwdConfig<T, D>;
+                                           const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
+                                           int wg, int tid) {
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages, kQBlock = Cfg::kBr * 64;
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t w0 = blk.q0 + 64 * wg + 16 * warp;  // this warp's first query
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const T* q = sm.q + wg * 64 * 64;
+  const int q_buf = q_slot<Cfg>(at.q_tiles);
+  const T* q = sm.q_buffer(q_buf) + wg * 64 * 64;
   float o[D / 8][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, correction[2];
@@ -172,11 +203,11 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     auto release_q_after = [&](int n) {
       if (n == n_tiles - 1) {
         __syncwarp();
-        if (lane == 0) mbar_arrive(sm.q_empty);
+        if (lane == 0) mbar_arrive(&sm.q_empty[q_buf]);
       }
     };
     if (wg == 1) named_arrive(1, 256);
-    mbar_wait(sm.q_full, at.q_tiles & 1);
+    mbar_wait(&sm.q_full[q_buf], q_phase<Cfg>(at.q_tiles));
     float s[kBc / 8][4];
     uint32_t pa[kBc / 16][4];
 
@@ -241,24 +272,26 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
 // Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
-template <typename T, int D, bool kFoldScale>
+template <typename T, int D, bool kFoldScale, bool kQWarp>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = WsFwdConfig<T, D>;
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  const WsFwdSmem<T, D> sm(base);
+  const WsFwdSmem<T, D, kQWarp> sm(base);
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int64_t work_items = q_tiles * p.batch * p.heads;
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(&maps.q);
     tma_prefetch_descriptor(&maps.k);
     tma_prefetch_descriptor(&maps.v);
-    mbar_init(sm.q_full, 1);
-    mbar_init(sm.q_empty, 8);  // one arrival per consumer warp
+    for (int s = 0; s < Cfg::kQBuffers; ++s) {
+      mbar_init(&sm.q_full[s], 1);
+      mbar_init(&sm.q_empty[s], 8);  // one arrival per consumer warp
+    }
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbar_init(&sm.k_full[s], 1);
       mbar_init(&sm.v_full[s], 1);
@@ -270,17 +303,23 @@ __global__ void __launch_bounds__(384, 1)
   WsProgress at;
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
-    if (tid < 32) {
+    const int warp = tid / 32;
+    if (warp == 0 || (kQWarp && warp == 1)) {
       for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
         const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-        if (blk.n_tiles > 0) ws_produce<T, D>(p, maps, blk, sm, at, tid);
+        if (blk.n_tiles == 0) continue;
+        if (warp == 0) {
+          ws_produce<T, D, kQWarp>(p, maps, blk, sm, at, tid % 32);
+        } else {
+          ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, tid % 32);
+        }
       }
     }
   } else {
     regs_increase<Cfg::kConsumerRegs>();
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
       const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kFoldScale>(p, blk, sm, at, warpgroup - 1, tid);
+      ws_consume<T, D, kFoldScale, kQWarp>(p, blk, sm, at, warpgroup - 1, tid);
     }
   }
 #else
@@ -295,7 +334,7 @@ inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
 // Launches the warp-specialized forward if TMA can describe q, k and v; false otherwise.
 template <typename T, int D>
 bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Cfg = WsFwdConfig<T, D>;
+  using Cfg = WsFwdConfig<T, D>;  // the tile shape does not depend on kQWarp
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   FwdTensorMaps maps;
   if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
@@ -307,10 +346,16 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
     return false;
   }
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
+  // FASTATTN_WS_FWD_ONE_Q=1: Q loaded by the K / V thread into one buffer (v3g, to compare).
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  auto kernel = folds ? local_fwd_ws_kernel<T, D, true> : local_fwd_ws_kernel<T, D, false>;
+  const bool q_warp = !switch_set("FASTATTN_WS_FWD_ONE_Q");
+  auto kernel = folds ? (q_warp ? local_fwd_ws_kernel<T, D, true, true>
+                                : local_fwd_ws_kernel<T, D, true, false>)
+                      : (q_warp ? local_fwd_ws_kernel<T, D, false, true>
+                                : local_fwd_ws_kernel<T, D, false, false>);
+  const size_t smem = q_warp ? WsFwdConfig<T, D, true>::kSmem : WsFwdConfig<T, D, false>::kSmem;
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(Cfg::kSmem));
+                              static_cast<int>(smem));
   if (*err != cudaSuccess) return true;
   int device = 0, sms = 0;
   if ((*err = cudaGetDevice(&device)) != cudaSuccess ||
@@ -319,7 +364,7 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   }
   const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
   const int64_t blocks = std::min<int64_t>(q_tiles * p.batch * p.heads, sms);
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, q_tiles);
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem, stream>>>(p, maps, q_tiles);
   *err = cudaGetLastError();
   return true;
 }
