@@ -226,9 +226,9 @@ def test_key_padding_is_never_read(dtype, head_dim):
     check_against_reference(q, k, v, window, key_lengths=key_lengths, fn=fn)
 
 
-# How the Hopper forward loads Q: its own producer warp, two buffers at D = 64 (the default), or
-# the K / V thread before each tile's K / V into one buffer (FASTATTN_WS_FWD_ONE_Q=1).
-HOPPER_FWD_Q_LOADING = ["default", "FASTATTN_WS_FWD_ONE_Q"]
+# How the Hopper forward loads Q: by the K / V thread before each tile's K / V into one buffer
+# (the default), or by its own producer warp, two buffers at D = 64 (FASTATTN_WS_FWD_Q_WARP=1).
+HOPPER_FWD_Q_LOADING = ["default", "FASTATTN_WS_FWD_Q_WARP"]
 
 
 @pytest.mark.parametrize("switch", HOPPER_FWD_Q_LOADING,

@@ -1,8 +1,9 @@
 // Environment switches that take an older kernel where a newer one is the default (for
 // comparison and as a fallback): FASTATTN_DISABLE_WGMMA, FASTATTN_DISABLE_WS,
-// FASTATTN_DISABLE_WS_BWD, FASTATTN_WS_FWD_EXACT (the Hopper forward's exact softmax),
-// FASTATTN_WS_FWD_ONE_Q (its Q loaded by the K / V thread into one buffer), and the Hopper
-// backward's schedules (FASTATTN_WS_BWD_*, see launch_bwd_ws).
+// FASTATTN_DISABLE_WS_BWD, FASTATTN_WS_FWD_EXACT (the Hopper forward's exact softmax), and the
+// Hopper backward's schedules (FASTATTN_WS_BWD_*, see launch_bwd_ws); and one that takes a
+// newer variant not yet measured faster: FASTATTN_WS_FWD_Q_WARP (the Hopper forward's Q loaded
+// by a producer warp of its own).
 // Read at each launch, so a CUDA graph records what was set at capture.
 #pragma once
 #include <cstdlib>

@@ -6,9 +6,10 @@
 // - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of each K / V tile
 //   of the band into a ring of kStages stages, each completing on its own mbarrier ("full"),
 //   and reuses a stage once both consumers have released it ("empty"); another warp loads
-//   each query tile's Q the same way into kQBuffers buffers (two at D = 64), so that the K / V
-//   stream never waits for a Q buffer to be released (kQWarp; kernel-notes, v3h). It gives its
-//   registers away (setmaxnreg) to the consumers.
+//   each query tile's Q the same way, first in the K / V thread (v3g, the default), or
+//   (kQWarp, FASTATTN_WS_FWD_Q_WARP=1; kernel-notes, v3h: not yet measured) in a warp of its
+//   own into kQBuffers buffers (two at D = 64), so that the K / V stream never waits for a Q
+//   buffer to be released. It gives its registers away (setmaxnreg) to the consumers.
 // - warpgroups 1 and 2 are consumers, 64 queries each, over the same key tiles. Per tile n:
 //   S = Q K_n^T and O += P_{n-1} V_{n-1} are issued together as wgmma, then the softmax of S_n
 //   runs while those products are on the tensor cores (intra-warpgroup overlap). Two named
@@ -35,9 +36,10 @@
 
 namespace fastattn::cuda {
 
-// kQWarp: Q loaded by its own producer warp into kQBuffers buffers (the default); false: by the
-// K / V thread before the tile's K / V, into one buffer (v3g, FASTATTN_WS_FWD_ONE_Q=1).
-template <typename T, int D, bool kQWarp = true>
+// kQWarp: Q loaded by its own producer warp into kQBuffers buffers (v3h,
+// FASTATTN_WS_FWD_Q_WARP=1); false: by the K / V thread before the tile's K / V, into one buffer
+// (v3g, the default until v3h is measured on a GPU).
+template <typename T, int D, bool kQWarp = false>
 struct WsFwdConfig {
   static constexpr int kThreads = 384, kBr = 128, kBc = 128;
   static constexpr int kStages = D == 64 ? 4 : 3;
@@ -346,9 +348,9 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
     return false;
   }
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
-  // FASTATTN_WS_FWD_ONE_Q=1: Q loaded by the K / V thread into one buffer (v3g, to compare).
+  // FASTATTN_WS_FWD_Q_WARP=1: Q by its own producer warp (v3h; the default once measured faster).
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  const bool q_warp = !switch_set("FASTATTN_WS_FWD_ONE_Q");
+  const bool q_warp = switch_set("FASTATTN_WS_FWD_Q_WARP");
   auto kernel = folds ? (q_warp ? local_fwd_ws_kernel<T, D, true, true>
                                 : local_fwd_ws_kernel<T, D, true, false>)
                       : (q_warp ? local_fwd_ws_kernel<T, D, false, true>
