@@ -305,15 +305,16 @@ __global__ void __launch_bounds__(384, 1)
   WsProgress at;
   if (warpgroup == 0) {
     regs_decrease<Cfg::kProducerRegs>();
-    const int warp = tid / 32;
-    if (warp == 0 || (kQWarp && warp == 1)) {
+    // Warp 0 streams K / V (and Q, without kQWarp); warp 1 streams Q (kQWarp).
+    if (tid < (kQWarp ? 64 : 32)) {
       for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
         const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-        if (blk.n_tiles == 0) continue;
-        if (warp == 0) {
-          ws_produce<T, D, kQWarp>(p, maps, blk, sm, at, tid % 32);
-        } else {
-          ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, tid % 32);
+        if (blk.n_tiles > 0) {
+          if (!kQWarp || tid < 32) {
+            ws_produce<T, D, kQWarp>(p, maps, blk, sm, at, tid % 32);
+          } else {
+            ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, tid % 32);
+          }
         }
       }
     }
