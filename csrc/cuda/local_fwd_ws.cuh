@@ -5,11 +5,11 @@
 // takes query tiles blockIdx.x, + gridDim.x, ...):
 // - warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of each K / V tile
 //   of the band into a ring of kStages stages, each completing on its own mbarrier ("full"),
-//   and reuses a stage once both consumers have released it ("empty"); another warp loads
-//   each query tile's Q the same way, first in the K / V thread (v3g, the default), or
-//   (kQWarp, FASTATTN_WS_FWD_Q_WARP=1; kernel-notes, v3h: not yet measured) in a warp of its
-//   own into kQBuffers buffers (two at D = 64), so that the K / V stream never waits for a Q
-//   buffer to be released. It gives its registers away (setmaxnreg) to the consumers.
+//   and reuses a stage once both consumers have released it ("empty"). Each query tile's Q is
+//   loaded the same way: by that thread before the tile's K / V, into one buffer (v3g, the
+//   default), or (kQWarp, FASTATTN_WS_FWD_Q_WARP=1; kernel-notes, v3h: not yet measured) by a
+//   second warp into kQBuffers buffers (two at D = 64), so that the K / V stream never waits
+//   for a Q buffer to be released. It gives its registers away (setmaxnreg) to the consumers.
 // - warpgroups 1 and 2 are consumers, 64 queries each, over the same key tiles. Per tile n:
 //   S = Q K_n^T and O += P_{n-1} V_{n-1} are issued together as wgmma, then the softmax of S_n
 //   runs while those products are on the tensor cores (intra-warpgroup overlap). Two named
