@@ -334,6 +334,27 @@ __global__ void __launch_bounds__(384, 1)
 // one-warpgroup wgmma kernel instead (for comparison).
 inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
 
+// One launch of the persistent kernel: a block per SM at most, the shared memory of kQWarp's layout.
+template <typename T, int D, bool kQWarp>
+cudaError_t launch_fwd_ws_kernel(const LocalAttentionParams& p, const FwdTensorMaps& maps,
+                                 bool folds, cudaStream_t stream) {
+  using Cfg = WsFwdConfig<T, D, kQWarp>;
+  auto kernel = folds ? local_fwd_ws_kernel<T, D, true, kQWarp>
+                      : local_fwd_ws_kernel<T, D, false, kQWarp>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmem));
+  if (err != cudaSuccess) return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
+    return err;
+  }
+  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
+  const int64_t blocks = std::min<int64_t>(q_tiles * p.batch * p.heads, sms);
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, q_tiles);
+  return cudaGetLastError();
+}
+
 // Launches the warp-specialized forward if TMA can describe q, k and v; false otherwise.
 template <typename T, int D>
 bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError_t* err) {
@@ -351,24 +372,9 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
   // FASTATTN_WS_FWD_Q_WARP=1: Q by its own producer warp (v3h; the default once measured faster).
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  const bool q_warp = switch_set("FASTATTN_WS_FWD_Q_WARP");
-  auto kernel = folds ? (q_warp ? local_fwd_ws_kernel<T, D, true, true>
-                                : local_fwd_ws_kernel<T, D, true, false>)
-                      : (q_warp ? local_fwd_ws_kernel<T, D, false, true>
-                                : local_fwd_ws_kernel<T, D, false, false>);
-  const size_t smem = q_warp ? WsFwdConfig<T, D, true>::kSmem : WsFwdConfig<T, D, false>::kSmem;
-  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(smem));
-  if (*err != cudaSuccess) return true;
-  int device = 0, sms = 0;
-  if ((*err = cudaGetDevice(&device)) != cudaSuccess ||
-      (*err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
-    return true;
-  }
-  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
-  const int64_t blocks = std::min<int64_t>(q_tiles * p.batch * p.heads, sms);
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem, stream>>>(p, maps, q_tiles);
-  *err = cudaGetLastError();
+  *err = switch_set("FASTATTN_WS_FWD_Q_WARP")
+             ? launch_fwd_ws_kernel<T, D, true>(p, maps, folds, stream)
+             : launch_fwd_ws_kernel<T, D, false>(p, maps, folds, stream);
   return true;
 }
 
