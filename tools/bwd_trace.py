@@ -18,13 +18,14 @@ from fastattn import _ops
 from fastattn.perf.cases import case_set
 
 
-def backward_ms(bwd, repeat: int = 10) -> float:
-    bwd()
+def call_ms(fn, repeat: int = 10) -> float:
+    """Mean GPU milliseconds per call of fn (one warm-up call first)."""
+    fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeat):
-        bwd()
+        fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / repeat
@@ -37,7 +38,7 @@ def main() -> int:
     for case in cases:
         b, h, n, d = case.shape
         bwd = backward_call(case)
-        plain = backward_ms(bwd)
+        plain = call_ms(bwd)
         print(f"case {b},{h},{n},{d},w{case.window[0]}x{case.window[1]}: backward {plain:.3f} ms",
               flush=True)
         os.environ["FASTATTN_WS_BWD_TRACE"] = "1"
@@ -45,7 +46,7 @@ def main() -> int:
             bwd()
             torch.cuda.synchronize()  # the kernel's lines come out here
             sys.stdout.flush()
-            traced = backward_ms(bwd, repeat=3)
+            traced = call_ms(bwd, repeat=3)
         finally:
             del os.environ["FASTATTN_WS_BWD_TRACE"]
         print(f"  with the trace: {traced:.3f} ms (+{100 * (traced / plain - 1):.1f}%)", flush=True)

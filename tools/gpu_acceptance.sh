@@ -4,12 +4,13 @@
 #   tools/gpu_acceptance.sh tests   build fastattn and fast-transformers, every test (CUDA ones
 #                                   included, the slow >2**31-element case too), compute-sanitizer
 #   tools/gpu_acceptance.sh forward build fastattn, a one-call smoke run of the forward (bounded
-#                                   time, so a hung kernel shows), the local attention CUDA tests,
-#                                   and the bf16 probe (every forward kernel vs Flex)
+#                                   time, so a hung kernel shows), the bf16 probe (every forward
+#                                   kernel vs Flex), the forward's phase trace (tools/fwd_trace.py)
+#                                   and the local attention CUDA tests
 #   tools/gpu_acceptance.sh backward build fastattn, a one-call smoke run of the backward (bounded
-#                                   time), the local attention CUDA tests, the bf16 probe
-#                                   (forward+backward of both backward kernels vs Flex) and the
-#                                   backward's per-kernel times
+#                                   time), the bf16 probe (forward+backward of both backward
+#                                   kernels vs Flex), the backward's per-kernel times and the
+#                                   local attention CUDA tests
 # Probe options: VARIANTS="" leaves out the older kernels, PROBE_ARGS adds any (--no-flex,
 # --switch LABEL=VAR, ...).
 #   tools/gpu_acceptance.sh bench   two default benchmark runs compared by the gate (A/A), the x1.2
@@ -72,19 +73,22 @@ for d in (64, 128):
     errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip((out, *grads), (ref, *refs))]
     print('smoke D', d, 'rel err out dq dk dv', ' '.join(f'{e:.2e}' for e in errs))"
     cat "$OUT/smoke.log"
-    step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
-      tests/test_local_cuda.py
-    tail -n 12 "$OUT/tests.log"
+    # The measurements first, the tests last: a hung variant costs its step's time, not the call.
     variants=--variants
     [ "$1" = backward ] && variants=--bwd-variants
     variants="${VARIANTS-$variants}"  # VARIANTS="" leaves the older kernels out
     step probe timeout 220 "$PYTHON" tools/local_probe.py $variants --dtype bf16 --no-check ${PROBE_ARGS:-} \
       --samples 15 --json "$OUT/probe.json"
-    tail -n 40 "$OUT/probe.log"
     if [ "$1" = backward ]; then
       step breakdown timeout 120 "$PYTHON" tools/bwd_breakdown.py
-      tail -n 12 "$OUT/breakdown.log"
+    else
+      step trace timeout 90 "$PYTHON" tools/fwd_trace.py
     fi
+    step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
+      tests/test_local_cuda.py
+    tail -n 12 "$OUT/tests.log"
+    tail -n 40 "$OUT/probe.log"
+    if [ "$1" = backward ]; then tail -n 12 "$OUT/breakdown.log"; fi
     ;;
   bench)
     step gate make --no-print-directory gate-gpu-check PYTHON="$PYTHON" RESULTS=results

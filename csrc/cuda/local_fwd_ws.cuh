@@ -31,6 +31,7 @@
 #include "cuda/hopper_sync.cuh"
 #include "cuda/kernel_switches.h"
 #include "cuda/local_fwd.cuh"
+#include "cuda/phase_trace.cuh"
 #include "cuda/tensor_map.h"
 #include "cuda/wgmma.cuh"
 
@@ -180,10 +181,33 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
 // loop over the band, then the store.
 // kFoldScale: the softmax with scale and max in one FFMA (online_softmax), the default where the
 // scale is positive (3-6% off the forward at D = 128: kernel-notes, v3e).
-template <typename T, int D, bool kFoldScale, bool kQWarp>
+// The phases a consumer's time is split into by the trace build (FASTATTN_WS_FWD_TRACE): per
+// round (key tile n >= 1) the wait for K_n, for its turn (the other consumer's products
+// issued), S_n and P_{n-1} V_{n-1} issued (with the wait for V_{n-1} between them), S_n ready,
+// the softmax, P V done, then the stage released and O rescaled; per query tile the first
+// round, the last P V, and the store.
+enum FwdPhase {
+  kFwdWaitK,
+  kFwdTurn,
+  kFwdIssueS,
+  kFwdWaitV,
+  kFwdIssuePv,
+  kFwdSReady,
+  kFwdSoftmax,
+  kFwdPvDone,
+  kFwdRescale,
+  kFwdFirst,
+  kFwdLast,
+  kFwdStore,
+  kFwdPhases
+};
+template <bool kTrace>
+using FwdTrace = PhaseTrace<kFwdPhases, kTrace>;
+
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
                                            const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
-                                           int wg, int tid) {
+                                           FwdTrace<kTrace>& trace, int wg, int tid) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages, kQBlock = Cfg::kBr * 64;
   const int lane = tid & 31, warp = tid >> 5;
@@ -208,6 +232,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
         if (lane == 0) mbar_arrive(&sm.q_empty[q_buf]);
       }
     };
+    trace.mark(kFwdStore);  // the previous tile's store ends where this tile starts
     if (wg == 1) named_arrive(1, 256);
     mbar_wait(&sm.q_full[q_buf], q_phase<Cfg>(at.q_tiles));
     float s[kBc / 8][4];
@@ -225,29 +250,39 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo,
                                     scale_log2, lane);
     pack_probabilities<T, kBc>(pa, s);
+    trace.mark(kFwdFirst);
 
     for (int n = 1; n < n_tiles; ++n) {
       const int stage = stage_of(n), prev = stage_of(n - 1);
       mbar_wait(&sm.k_full[stage], phase_of(n));
+      trace.mark(kFwdWaitK);
       named_sync(self, 256);
+      trace.mark(kFwdTurn);
       wgmma_fence();
       wgmma_qk<T, D, kBc>(s, q, kQBlock, sm.k_stage(stage), kBc * 64);
       wgmma_commit();
+      trace.mark(kFwdIssueS);
       mbar_wait(&sm.v_full[prev], phase_of(n - 1));
+      trace.mark(kFwdWaitV);
       wgmma_pv<T, D, kBc>(o, pa, sm.v_stage(prev));
       wgmma_commit();
       named_arrive(other, 256);
+      trace.mark(kFwdIssuePv);
       wgmma_wait<1>();  // S_n is ready; P_{n-1} V_{n-1} may still run
       fence_accumulators(s);
+      trace.mark(kFwdSReady);
       release_q_after(n);
       online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0,
                                       blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+      trace.mark(kFwdSoftmax);
       wgmma_wait<0>();
       fence_accumulators(o);
+      trace.mark(kFwdPvDone);
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.empty[prev]);  // this warp is done with K/V_{n-1}
       rescale_rows<D>(o, correction);
       pack_probabilities<T, kBc>(pa, s);
+      trace.mark(kFwdRescale);
     }
     const int last = stage_of(n_tiles - 1);
     mbar_wait(&sm.v_full[last], phase_of(n_tiles - 1));
@@ -261,6 +296,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     fence_accumulators(o);
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.empty[last]);
+    trace.mark(kFwdLast);
     at.kv_tiles += n_tiles;
     ++at.q_tiles;
     if constexpr (kFoldScale) {  // the store wants the max scaled, base 2
@@ -271,10 +307,29 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
   store_rows<HalfOps<T>, T, D>(p, blk, o, row_max, row_sum, w0, lane);
 }
 
+// The trace build's report: for a few blocks spread over the grid, one line per consumer (its
+// first warp) with the cycles per round of each loop phase and per query tile of the rest.
+template <bool kTrace>
+__device__ void print_fwd_trace(const FwdTrace<kTrace>& trace, int d, bool q_warp, int wg,
+                                int tiles, int rounds, int tid) {
+  if constexpr (kTrace) {
+    if (tid != 0 || tiles == 0 || blockIdx.x % (gridDim.x / 4 + 1) != 0) return;
+    const auto round = [&](int ph) { return rounds ? trace.sum[ph] / rounds : 0ull; };
+    const auto tile = [&](int ph) { return trace.sum[ph] / tiles; };
+    printf("ws_fwd trace D=%d qwarp %d block %u wg %d tiles %d rounds %d | cycles/round: waitK "
+           "%llu turn %llu issueS %llu waitV %llu issuePV %llu S %llu softmax %llu PV %llu "
+           "rescale %llu | cycles/tile: first %llu last %llu store %llu | total/round %llu\n",
+           d, q_warp ? 1 : 0, blockIdx.x, wg, tiles, rounds, round(kFwdWaitK), round(kFwdTurn),
+           round(kFwdIssueS), round(kFwdWaitV), round(kFwdIssuePv), round(kFwdSReady),
+           round(kFwdSoftmax), round(kFwdPvDone), round(kFwdRescale), tile(kFwdFirst),
+           tile(kFwdLast), tile(kFwdStore), rounds ? (trace.last - trace.first) / rounds : 0ull);
+  }
+}
+
 // Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
-template <typename T, int D, bool kFoldScale, bool kQWarp>
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace = false>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
@@ -320,9 +375,18 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     regs_increase<Cfg::kConsumerRegs>();
+    FwdTrace<kTrace> trace;
+    trace.start();
+    int rounds = 0, tiles = 0;
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
       const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kFoldScale, kQWarp>(p, blk, sm, at, warpgroup - 1, tid);
+      ws_consume<T, D, kFoldScale, kQWarp, kTrace>(p, blk, sm, at, trace, warpgroup - 1, tid);
+      rounds += blk.n_tiles > 1 ? blk.n_tiles - 1 : 0;
+      tiles += blk.n_tiles > 0;
+    }
+    if constexpr (kTrace) {
+      trace.mark(kFwdStore);
+      print_fwd_trace(trace, D, kQWarp, warpgroup - 1, tiles, rounds, tid);
     }
   }
 #else
@@ -335,12 +399,14 @@ __global__ void __launch_bounds__(384, 1)
 inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
 
 // One launch of the persistent kernel: a block per SM at most, the shared memory of kQWarp's layout.
-template <typename T, int D, bool kQWarp>
+// kTrace: the trace build (folded softmax only).
+template <typename T, int D, bool kQWarp, bool kTrace = false>
 cudaError_t launch_fwd_ws_kernel(const LocalAttentionParams& p, const FwdTensorMaps& maps,
                                  bool folds, cudaStream_t stream) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
-  auto kernel = folds ? local_fwd_ws_kernel<T, D, true, kQWarp>
-                      : local_fwd_ws_kernel<T, D, false, kQWarp>;
+  auto kernel = kTrace  ? local_fwd_ws_kernel<T, D, true, kQWarp, kTrace>
+                : folds ? local_fwd_ws_kernel<T, D, true, kQWarp>
+                        : local_fwd_ws_kernel<T, D, false, kQWarp>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
@@ -372,7 +438,16 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
   // FASTATTN_WS_FWD_Q_WARP=1: Q by its own producer warp (v3h; the default once measured faster).
   const bool folds = p.scale > 0.0 && !switch_set("FASTATTN_WS_FWD_EXACT");
-  *err = switch_set("FASTATTN_WS_FWD_Q_WARP")
+  const bool q_warp = switch_set("FASTATTN_WS_FWD_Q_WARP");
+  // FASTATTN_WS_FWD_TRACE=1 prints where a round's time goes (bfloat16, folded softmax).
+  if constexpr (kBf16) {
+    if (folds && switch_set("FASTATTN_WS_FWD_TRACE")) {
+      *err = q_warp ? launch_fwd_ws_kernel<T, D, true, true>(p, maps, folds, stream)
+                    : launch_fwd_ws_kernel<T, D, false, true>(p, maps, folds, stream);
+      return true;
+    }
+  }
+  *err = q_warp
              ? launch_fwd_ws_kernel<T, D, true>(p, maps, folds, stream)
              : launch_fwd_ws_kernel<T, D, false>(p, maps, folds, stream);
   return true;
