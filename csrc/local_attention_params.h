@@ -3,6 +3,12 @@
 #pragma once
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define FASTATTN_HOST_DEVICE __host__ __device__
+#else
+#define FASTATTN_HOST_DEVICE
+#endif
+
 namespace fastattn {
 
 // Strides are in elements; the head dimension is always contiguous (stride 1).
@@ -13,17 +19,17 @@ struct TensorStrides {
 };
 
 struct LocalAttentionParams {
-  const void* q;
-  const void* k;
+  const void* q;  // (B, H, L, D)
+  const void* k;  // (B, kv_heads, L, D), as v
   const void* v;
   void* out;    // (B, H, L, D), strides out_strides
   float* lse;   // (B, H, L) contiguous
   TensorStrides q_strides, k_strides, v_strides, out_strides;
   int64_t batch, heads, seq_len, head_dim;
-  // Not read by any kernel yet; here so that GQA (k/v with kv_heads <= heads) and packed
-  // variable-length batches (cumulative sequence offsets, (B + 1,) int32) plug into the same
-  // struct. Today: kv_heads == heads, no offsets.
+  // GQA / MQA: k and v have kv_heads heads, heads % kv_heads == 0; see kv_head().
   int64_t kv_heads;
+  // Not read by any kernel yet; here so that packed variable-length batches (cumulative
+  // sequence offsets, (B + 1,) int32) plug into the same struct. Today: no offsets.
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
   const int32_t* key_lengths;  // (B,) valid key counts, or nullptr for "all L"
@@ -31,11 +37,23 @@ struct LocalAttentionParams {
   double scale;  // double so float64 inputs keep their precision; kernels narrow as needed
 };
 
+// The k / v head that query head h reads: each group of heads / kv_heads consecutive query
+// heads shares one (GQA; kv_heads == 1 is MQA, kv_heads == heads plain attention). Every
+// kernel, CPU and CUDA, takes its k / v head from here. In 32 bits (heads < 2**31: a CUDA grid
+// has a block per head and tile): a 64-bit division is a subroutine call on the GPU; here it
+// cost the bf16 mma.sync forward at D = 128 67 more registers, the 32-bit one 1.
+FASTATTN_HOST_DEVICE inline int64_t kv_head(const LocalAttentionParams& p, int64_t h) {
+  const uint32_t group = static_cast<uint32_t>(p.heads) / static_cast<uint32_t>(p.kv_heads);
+  return static_cast<uint32_t>(h) / group;
+}
+
 struct LocalAttentionBwdParams : LocalAttentionParams {
   const void* grad_out;
   const float* grad_lse;   // (B, H, L) contiguous
   float* delta;            // (B, H, L) scratch: rowsum(grad_out * out) - grad_lse
   void* grad_q;
+  // (B, H, L, D): one dK / dV per *query* head, also under GQA; the torch glue sums each
+  // group into k's shape (local_attention_torch.h, LocalAttentionBackward::grads).
   void* grad_k;
   void* grad_v;
   TensorStrides grad_out_strides, grad_q_strides, grad_k_strides, grad_v_strides;

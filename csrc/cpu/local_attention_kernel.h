@@ -186,7 +186,7 @@ FASTATTN_CLONED_HELPER void accumulate(acc_t* __restrict y, const acc_t* __restr
 
 // Work item `item` of the query-side passes: kRowTile query rows of one (batch, head).
 struct QueryTile {
-  int64_t bh, b, h, i0, rows, keys;  // keys: valid keys of the batch
+  int64_t bh, b, h, kvh, i0, rows, keys;  // kvh: h's k / v head; keys: valid keys of the batch
   Band keys_seen;                    // the union of the rows' bands
 };
 
@@ -195,6 +195,7 @@ inline QueryTile query_tile(const LocalAttentionParams& p, int64_t item, int64_t
   t.bh = item / tiles;
   t.h = t.bh % p.heads;
   t.b = t.bh / p.heads;
+  t.kvh = kv_head(p, t.h);
   t.i0 = (item % tiles) * kRowTile;
   t.rows = std::min(kRowTile, p.seq_len - t.i0);
   t.keys = valid_keys(p, t.b);
@@ -222,8 +223,10 @@ FASTATTN_CPU_CLONES void forward_tiles(const LocalAttentionParams& p, int64_t be
     std::fill(denom.begin(), denom.end(), acc_t(0));
     for (int64_t j0 = tile_keys.lo; j0 <= tile_keys.hi; j0 += kChunk) {
       const int64_t n = std::min(kChunk, tile_keys.hi - j0 + 1);
-      load_chunk<scalar_t, acc_t>(nullptr, kt.data(), p.k, p.k_strides, b, h, j0, n, D, acc_t(1));
-      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, h, j0, n, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(nullptr, kt.data(), p.k, p.k_strides, b, t.kvh, j0, n, D,
+                                  acc_t(1));
+      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, t.kvh, j0, n, D,
+                                  acc_t(1));
       for (int64_t r = 0; r < m; ++r) {
         const Band cols = within_chunk(query_band(p, i0 + r, keys), j0, n);
         if (cols.lo > cols.hi) continue;
@@ -281,8 +284,10 @@ FASTATTN_CPU_CLONES void grad_q_tiles(const LocalAttentionBwdParams& p, int64_t 
     std::fill(dq.begin(), dq.end(), acc_t(0));
     for (int64_t j0 = tile_keys.lo; j0 <= tile_keys.hi; j0 += kChunk) {
       const int64_t n = std::min(kChunk, tile_keys.hi - j0 + 1);
-      load_chunk<scalar_t, acc_t>(k.data(), kt.data(), p.k, p.k_strides, b, h, j0, n, D, acc_t(1));
-      load_chunk<scalar_t, acc_t>(nullptr, vt.data(), p.v, p.v_strides, b, h, j0, n, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(k.data(), kt.data(), p.k, p.k_strides, b, t.kvh, j0, n, D,
+                                  acc_t(1));
+      load_chunk<scalar_t, acc_t>(nullptr, vt.data(), p.v, p.v_strides, b, t.kvh, j0, n, D,
+                                  acc_t(1));
       for (int64_t r = 0; r < m; ++r) {
         const Band cols = within_chunk(query_band(p, i0 + r, keys), j0, n);
         if (cols.lo > cols.hi) continue;
@@ -318,8 +323,9 @@ FASTATTN_CPU_CLONES void grad_kv_tiles(const LocalAttentionBwdParams& p, int64_t
     if (m > 0) {
       const Band tile_queries = {std::max<int64_t>(0, j0 - p.window_right),
                                  std::min<int64_t>(L - 1, j0 + m - 1 + p.window_left)};
-      load_chunk<scalar_t, acc_t>(k.data(), nullptr, p.k, p.k_strides, b, h, j0, m, D, acc_t(1));
-      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, h, j0, m, D, acc_t(1));
+      const int64_t kvh = kv_head(p, h);
+      load_chunk<scalar_t, acc_t>(k.data(), nullptr, p.k, p.k_strides, b, kvh, j0, m, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, kvh, j0, m, D, acc_t(1));
       for (int64_t i0 = tile_queries.lo; i0 <= tile_queries.hi; i0 += kChunk) {
         const int64_t n = std::min(kChunk, tile_queries.hi - i0 + 1);
         load_chunk<scalar_t, acc_t>(q.data(), qt.data(), p.q, p.q_strides, b, h, i0, n, D, scale);

@@ -47,7 +47,7 @@ bool rows_aligned(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
     int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale) {
-  check_qkv(q, k, v);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -67,12 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& key_lengths,
     double scale) {
-  check_qkv(q, k, v);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/true);
   const c10::cuda::CUDAGuard guard(q.device());
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
                                               window_left, window_right, scale);
-  if (q.numel() == 0) return {b.grad_q, b.grad_k, b.grad_v};
+  if (q.numel() == 0) return b.grads(k, v);
   // Zeroed by the backward's delta pre-pass, before the main kernel adds into it.
   at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const bool aligned =
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
                                            dq_accum.data_ptr<float>(),
                                            c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {b.grad_q, b.grad_k, b.grad_v};
+  return b.grads(k, v);
 }
 
 }  // namespace

@@ -14,6 +14,10 @@
 // products, +40% tensor work); the atomics cost one float2 reduction per dQ element per key
 // block that sees it, i.e. (window + kBq) / kBc adds per element, which L2 absorbs. The price
 // is that dQ is not bitwise reproducible (float addition order); dK, dV and the forward are.
+//
+// GQA: a block works for one *query* head (reading its kv head's K and V) and stores that
+// head's share of dK and dV into a per-query-head buffer; the torch glue sums the shares of
+// a group (local_attention_torch.h, sum_kv_groups), so no two blocks write one row.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -51,7 +55,7 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 
 // What a backward block needs to know about its kBc keys and the queries that see them.
 struct BwdBlock {
-  int64_t b, h, bh, k0, keys, qlo;
+  int64_t b, h, kvh, bh, k0, keys, qlo;  // kvh: the k / v head of query head h (GQA)
   int n_tiles;  // query tiles of bq rows from qlo; none when the block lies past key_lengths
 
   // work: the index of the (batch, head, key tile) triple, key tiles of a head adjacent.
@@ -61,6 +65,7 @@ struct BwdBlock {
     bh = work / k_tiles;
     b = bh / p.heads;
     h = bh % p.heads;
+    kvh = kv_head(p, h);
     keys = valid_keys(p, b);
     k0 = tile * bc;
     const int64_t last_key = (k0 + bc < keys ? k0 + bc : keys) - 1;
@@ -135,8 +140,8 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   const int n_tiles = blk.n_tiles;
   const int64_t L = p.seq_len, left = p.window_left, right = p.window_right;
   const T* qg = head_ptr<T>(p.q, p.q_strides, b, h);
-  const T* kg = head_ptr<T>(p.k, p.k_strides, b, h);
-  const T* vg = head_ptr<T>(p.v, p.v_strides, b, h);
+  const T* kg = head_ptr<T>(p.k, p.k_strides, b, blk.kvh);
+  const T* vg = head_ptr<T>(p.v, p.v_strides, b, blk.kvh);
   const T* dog = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 

@@ -19,7 +19,8 @@
 // writer warp of the producer warpgroup adds it into the float32 (B, H, L, D) scratch with one
 // bulk reduce-add (TMA) per box, which the L2 applies far faster than per-thread atomics
 // (kernel-notes: 30% of the kernel's time at D = 128). The additions land in no fixed order:
-// dQ is not bitwise reproducible; dK and dV are.
+// dQ is not bitwise reproducible; dK and dV are. Under GQA, as in local_bwd.cuh, a block's dK
+// and dV are its query head's share, summed per group by the torch glue.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -319,8 +320,8 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   zero(dk);
   zero(dv);
   if (blk.n_tiles > 0) {
-    const T* kg = head_ptr<T>(p.k, p.k_strides, blk.b, blk.h);
-    const T* vg = head_ptr<T>(p.v, p.v_strides, blk.b, blk.h);
+    const T* kg = head_ptr<T>(p.k, p.k_strides, blk.b, blk.kvh);
+    const T* vg = head_ptr<T>(p.v, p.v_strides, blk.b, blk.kvh);
     load_rows<T, D, kBc, kConsumers, true>(sm.k, 0, kg, p.k_strides.seq, blk.k0, blk.keys, true,
                                            ctid);
     load_rows<T, D, kBc, kConsumers, true>(sm.v, 0, vg, p.v_strides.seq, blk.k0, blk.keys, true,

@@ -37,7 +37,7 @@ struct FwdConfig {
 // What a forward block needs to know about its 64 queries and their band.
 template <typename T>
 struct FwdBlock {
-  int64_t b, h, bh, q0, keys, lo;
+  int64_t b, h, kvh, bh, q0, keys, lo;  // kvh: the k / v head of query head h (GQA)
   int n_tiles;
   const T *q, *k, *v;
 
@@ -48,6 +48,7 @@ struct FwdBlock {
     bh = work / q_tiles;
     b = bh / p.heads;
     h = bh % p.heads;
+    kvh = kv_head(p, h);
     keys = valid_keys(p, b);
     q0 = tile * br;
     lo = q0 - p.window_left > 0 ? q0 - p.window_left : 0;
@@ -55,8 +56,8 @@ struct FwdBlock {
     const int64_t hi = last < keys - 1 ? last : keys - 1;
     n_tiles = hi >= lo ? static_cast<int>((hi - lo + bc) / bc) : 0;
     q = head_ptr<T>(p.q, p.q_strides, b, h);
-    k = head_ptr<T>(p.k, p.k_strides, b, h);
-    v = head_ptr<T>(p.v, p.v_strides, b, h);
+    k = head_ptr<T>(p.k, p.k_strides, b, kvh);
+    v = head_ptr<T>(p.v, p.v_strides, b, kvh);
   }
 };
 

@@ -133,7 +133,7 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
                                            int lane) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
-  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  const int kvh = static_cast<int>(blk.kvh), b = static_cast<int>(blk.b);
   if constexpr (!kQWarp) ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, lane);
   for (int n = 0; n < blk.n_tiles; ++n, ++at.kv_tiles) {
     const int stage = at.kv_tiles % kStages;
@@ -146,7 +146,7 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
 #pragma unroll
       for (int cb = 0; cb < D / 64; ++cb) {
         tma_load_4d(ks + cb * kBc * 64, &maps.k, &sm.k_full[stage], cb * 64, static_cast<int>(k0),
-                    h, b);
+                    kvh, b);
       }
     }
     // Keys in [key_lengths[b], L) are real memory that TMA would read: the tile that holds
@@ -171,7 +171,7 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
 #pragma unroll
       for (int cb = 0; cb < D / 64; ++cb) {
         tma_load_4d(vs + cb * kBc * 64, &maps.v, &sm.v_full[stage], cb * 64, static_cast<int>(k0),
-                    h, b);
+                    kvh, b);
       }
     }
   }
@@ -429,9 +429,9 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
   FwdTensorMaps maps;
   if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
                        Cfg::kBr) ||
-      !encode_head_map(&maps.k, p.k, kBf16, p.batch, p.heads, p.seq_len, D, p.k_strides,
+      !encode_head_map(&maps.k, p.k, kBf16, p.batch, p.kv_heads, p.seq_len, D, p.k_strides,
                        Cfg::kBc) ||
-      !encode_head_map(&maps.v, p.v, kBf16, p.batch, p.heads, p.seq_len, D, p.v_strides,
+      !encode_head_map(&maps.v, p.v, kBf16, p.batch, p.kv_heads, p.seq_len, D, p.v_strides,
                        Cfg::kBc)) {
     return false;
   }
