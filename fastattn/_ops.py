@@ -58,7 +58,8 @@ def _local_fwd_fake(q, k, v, window_left, window_right, key_lengths, scale):
 
 def _local_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right,
                     key_lengths, scale):
-    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    # dk and dv have k's and v's shape (H_kv heads under GQA), contiguous.
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _local_fwd_setup(ctx, inputs, output):

@@ -10,17 +10,19 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 
 
-def check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v, *, grouped_kv: bool = False) -> None:
+    """q, k, v of one attention call. ``grouped_kv`` (GQA / MQA): k and v may have H_kv heads
+    where H_kv divides q's H; otherwise all three must have the same shape."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, L, D), got {name}.shape={tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            "q, k, v must have the same (B, H, L, D) shape, got "
-            f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
-        )
+    shapes = f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+    if not grouped_kv and not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same (B, H, L, D) shape, got {shapes}")
+    if grouped_kv:
+        _check_grouped_kv(q, k, v, shapes)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     allowed = FLOAT_DTYPES + ((torch.float64,) if q.device.type == "cpu" else ())
@@ -37,6 +39,19 @@ def check_qkv(q, k, v) -> None:
             )
     if q.device.type == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
         raise ValueError(f"head dim D must be one of {CUDA_HEAD_DIMS} on CUDA, got D={q.shape[-1]}")
+
+
+def _check_grouped_kv(q, k, v, shapes: str) -> None:
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same (B, H_kv, L, D) shape, got {shapes}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"q, k, v must have the same B, L and D, got {shapes}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads and (kv_heads == 0 or heads % kv_heads != 0):
+        raise ValueError(
+            f"q has H={heads} heads, k and v have H_kv={kv_heads}: H must be a multiple of H_kv "
+            f"(GQA / MQA), got {shapes}"
+        )
 
 
 def check_window(window) -> tuple[int, int]:

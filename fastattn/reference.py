@@ -33,7 +33,10 @@ def local_attention_reference(q, k, v, window, *, key_lengths=None, scale=None,
                               return_lse=False, chunk: int = 512):
     """Same contract as ``fastattn.local_attention``; memory O(chunk x (chunk + window))."""
     left, right = window
-    batch, _, seq_len, head_dim = q.shape
+    batch, heads, seq_len, head_dim = q.shape
+    if k.shape[1] != heads:  # GQA / MQA: a repeated copy is fine in the reference
+        group = heads // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
     limit = _key_limit(key_lengths, batch, seq_len, q.device).view(batch, 1, 1, 1)
     outs, lses = [], []

@@ -13,15 +13,17 @@ from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
 FLOORS = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make_qkv(batch, heads, seq_len, head_dim, dtype, device="cpu", layout="bhld"):
-    """Random q, k, v; layout "blhd" gives (B, H, L, D) views of (B, L, H, D) storage."""
-    def one():
+def make_qkv(batch, heads, seq_len, head_dim, dtype, device="cpu", layout="bhld", kv_heads=None):
+    """Random q, k, v; layout "blhd" gives (B, H, L, D) views of (B, L, H, D) storage.
+    kv_heads: the heads of k and v (GQA / MQA), by default q's."""
+    def one(h):
         if layout == "blhd":
-            t = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype)
+            t = torch.randn(batch, seq_len, h, head_dim, device=device, dtype=dtype)
             return t.transpose(1, 2)
-        return torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+        return torch.randn(batch, h, seq_len, head_dim, device=device, dtype=dtype)
 
-    return one(), one(), one()
+    kv_heads = heads if kv_heads is None else kv_heads
+    return one(heads), one(kv_heads), one(kv_heads)
 
 
 def check_against_reference(q, k, v, window, *, key_lengths=None, scale=None, fn=None):

@@ -23,9 +23,20 @@ def qkv(shape=(2, 3, 10, 16), dtype=torch.float32):
         (lambda q, k, v: (q, k.to("meta"), v), ValueError, r"one device, got cpu, meta, cpu"),
         (lambda q, k, v: (q.transpose(2, 3).contiguous().transpose(2, 3), k, v), ValueError,
          r"q's last \(head\) dimension must be contiguous, got q.stride\(\)=\(480, 160, 1, 10\)"),
+        (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError,
+         r"q has H=3 heads, k and v have H_kv=2: H must be a multiple of H_kv"),
+        (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError,
+         r"q has H=3 heads, k and v have H_kv=0: H must be a multiple of H_kv"),
+        (lambda q, k, v: (q, k[:, :1], v), ValueError,
+         r"k and v must have the same \(B, H_kv, L, D\) shape, got .* k.shape=\(2, 1, 10, 16\), "
+         r"v.shape=\(2, 3, 10, 16\)"),
+        (lambda q, k, v: (q, k[:, :1, :, :8], v[:, :1, :, :8]), ValueError,
+         r"q, k, v must have the same B, L and D, got q.shape=\(2, 3, 10, 16\), "
+         r"k.shape=\(2, 1, 10, 8\)"),
     ],
     ids=["not-tensor", "rank", "k-len", "v-heads", "dtype-mismatch", "int-dtype", "device",
-         "strided-head-dim"],
+         "strided-head-dim", "heads-not-divisible", "no-kv-heads", "k-v-heads-differ",
+         "gqa-head-dim"],
 )
 def test_bad_tensors(mutate, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -65,6 +76,20 @@ def test_bad_scale(scale):
 def test_bad_key_lengths(key_lengths, error, pattern):
     with pytest.raises(error, match=pattern):
         fastattn.local_attention(*qkv(), (1, 1), key_lengths=key_lengths)
+
+
+@pytest.mark.parametrize(
+    "heads, pattern",
+    [((3, 2), r"q has H=3 heads, k and v have H_kv=2: H must be a multiple of H_kv"),
+     ((2, 4), r"q has H=2 heads, k and v have H_kv=4: H must be a multiple of H_kv")],
+    ids=["not-divisible", "more-kv-heads"])
+def test_the_op_itself_checks_the_kv_heads(heads, pattern):
+    """Direct op calls (no Python validation) get the C++ check, not a wrong kernel read."""
+    _ops.load()
+    q = torch.randn(1, heads[0], 8, 16)
+    k, v = torch.randn(2, 1, heads[1], 8, 16)
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.fastattn.local_attention_fwd(q, k, v, 1, 1, None, 0.25)
 
 
 def test_errors_come_before_any_build(monkeypatch):

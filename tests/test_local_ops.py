@@ -12,34 +12,48 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def _fwd_args(device, dtype=torch.float32, requires_grad=True):
-    q, k, v = make_qkv(2, 2, 19, 16, dtype, device=device)
+# (H, H_kv): plain attention, GQA (groups of 2 query heads), MQA.
+HEADS = [(2, 2), (4, 2), (3, 1)]
+
+
+def _heads_id(heads):
+    return f"H{heads[0]}-Hkv{heads[1]}"
+
+
+def _fwd_args(device, dtype=torch.float32, requires_grad=True, heads=(2, 2)):
+    q, k, v = make_qkv(2, heads[0], 19, 16, dtype, device=device, kv_heads=heads[1])
     q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
     key_lengths = torch.tensor([19, 11], dtype=torch.int32, device=device)
     return (q, k, v, 3, 4, key_lengths, 0.25)
 
 
+@pytest.mark.parametrize("heads", HEADS, ids=_heads_id)
 @pytest.mark.parametrize("device", devices())
-def test_opcheck_forward(device):
+def test_opcheck_forward(device, heads):
     _ops.load()
-    torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default, _fwd_args(device))
-    args = list(_fwd_args(device))
+    torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default,
+                          _fwd_args(device, heads=heads))
+    args = list(_fwd_args(device, heads=heads))
     args[5] = None
     torch.library.opcheck(torch.ops.fastattn.local_attention_fwd.default, tuple(args))
 
 
+@pytest.mark.parametrize("heads", HEADS, ids=_heads_id)
 @pytest.mark.parametrize("device", devices())
-def test_opcheck_backward(device):
+def test_opcheck_backward(device, heads):
     _ops.load()
-    q, k, v, left, right, key_lengths, scale = _fwd_args(device, requires_grad=False)
+    q, k, v, left, right, key_lengths, scale = _fwd_args(device, requires_grad=False, heads=heads)
     out, lse = torch.ops.fastattn.local_attention_fwd(q, k, v, left, right, key_lengths, scale)
     args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, left, right,
             key_lengths, scale)
     torch.library.opcheck(torch.ops.fastattn.local_attention_bwd.default, args)
+    grad_q, grad_k, grad_v = torch.ops.fastattn.local_attention_bwd(*args)
+    assert (grad_q.shape, grad_k.shape, grad_v.shape) == (q.shape, k.shape, v.shape)
 
 
+@pytest.mark.parametrize("heads", HEADS, ids=_heads_id)
 @pytest.mark.parametrize("device", devices())
-def test_compile_fullgraph_without_recompile(device):
+def test_compile_fullgraph_without_recompile(device, heads):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch.compiler.reset()
@@ -51,15 +65,17 @@ def test_compile_fullgraph_without_recompile(device):
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     for _ in range(2):  # same shapes, fresh data: one compilation only
-        q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 23, 16, torch.float32, device=device))
+        q, k, v = (t.requires_grad_() for t in make_qkv(2, heads[0], 23, 16, torch.float32,
+                                                          device=device, kv_heads=heads[1]))
         key_lengths = torch.tensor([23, 9], device=device)
         loss = compiled(q, k, v, key_lengths)
         loss.backward()
-        expected_q = q.detach().clone().requires_grad_()
-        expected = step(expected_q, k.detach(), v.detach(), key_lengths)
+        expected_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        expected = step(*expected_leaves, key_lengths)
         expected.backward()
         torch.testing.assert_close(loss, expected)
-        torch.testing.assert_close(q.grad, expected_q.grad)
+        for actual, eager in zip((q, k, v), expected_leaves, strict=True):
+            torch.testing.assert_close(actual.grad, eager.grad)
     assert counter.frame_count == 1
 
 
