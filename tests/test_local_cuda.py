@@ -209,15 +209,16 @@ def _nan_past(t, key_lengths):
     return torch.where(padded, torch.full_like(t, float("nan")), t)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_key_padding_is_never_read(dtype, head_dim):
+def test_key_padding_is_never_read(dtype, head_dim, kv_heads):
     """Keys and values past key_lengths hold NaN: nothing of them may reach out, lse or a
     gradient (on Hopper the forward's producer warp copies the V tile holding that boundary, the
-    backward copies K and V with zeros past it)."""
+    backward copies K and V with zeros past it), also where query heads share a kv head."""
     seq_len, window = 700, (300, 150)
     key_lengths = torch.tensor([700, 455, 0], device="cuda")
-    q, k, v = make_qkv(3, 2, seq_len, head_dim, dtype, device="cuda")
+    q, k, v = make_qkv(3, 2, seq_len, head_dim, dtype, device="cuda", kv_heads=kv_heads)
 
     def fn(q, k, v, window, **kwargs):
         return fastattn.local_attention(q, _nan_past(k, key_lengths), _nan_past(v, key_lengths),
@@ -246,6 +247,86 @@ def test_more_query_tiles_than_the_gpu_has_blocks(head_dim, switch, monkeypatch)
     key_lengths = torch.tensor([seq_len, 0], device="cuda")
     out = check_against_reference(q, k, v, (300, 200), key_lengths=key_lengths)
     assert torch.all(out[1] == 0)
+
+
+# GQA / MQA: H = 16 query heads in groups of 1, 2, 8 and 16 (MQA) over H / group kv heads.
+GQA_HEADS = 16
+GQA_GROUPS = [1, 2, 8, GQA_HEADS]
+# Lengths that are not tile multiples, causal / two-sided / wider-than-L windows, and
+# (1500, (333, 400)), more key (query) tiles than the Hopper rings hold.
+GQA_SHAPES = [(129, (17, 0)), (333, (100, 7)), (300, (1000, 1000)), (1500, (333, 400))]
+# The kernels a GQA call can take besides the default (on Hopper, for 16-bit D in {64, 128},
+# the warp-specialized forward and backward): the one-warpgroup wgmma forward, the mma.sync
+# forward and backward, and the mma.sync backward alone. float32 always takes mma.sync.
+GQA_KERNEL_SWITCHES = ["FASTATTN_DISABLE_WS", "FASTATTN_DISABLE_WGMMA", "FASTATTN_DISABLE_WS_BWD"]
+
+
+def _gqa_id(group):
+    return "mqa" if group == GQA_HEADS else f"group{group}"
+
+
+def _nan_padded_call(q, k, v, window, **kwargs):
+    """fastattn.local_attention on NaN-padded copies of q, k, v made inside the call (the
+    comparison's own clones of nan_padded views would be contiguous again), differentiably."""
+    return fastattn.local_attention(*(nan_padded(t) for t in (q, k, v)), window, **kwargs)
+
+
+def _check_gqa(dtype, head_dim, group, shape):
+    seq_len, window = shape
+    q, k, v = make_qkv(3, GQA_HEADS, seq_len, head_dim, dtype, device="cuda",
+                       kv_heads=GQA_HEADS // group)
+    # All keys valid, none (zeros, lse -inf), and the boundary inside a tile.
+    key_lengths = torch.tensor([seq_len, 0, 2 * seq_len // 3], device="cuda")
+    out = check_against_reference(q, k, v, window, key_lengths=key_lengths, fn=_nan_padded_call)
+    assert torch.all(out[1] == 0), "a batch with no valid key must give zeros"
+
+
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=_id)
+@pytest.mark.parametrize("group", GQA_GROUPS, ids=_gqa_id)
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_gqa_matches_reference(dtype, head_dim, group, shape):
+    _check_gqa(dtype, head_dim, group, shape)
+
+
+@pytest.mark.parametrize("switch", GQA_KERNEL_SWITCHES,
+                         ids=lambda s: s.removeprefix("FASTATTN_").lower())
+@pytest.mark.parametrize("group", GQA_GROUPS, ids=_gqa_id)
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_gqa_on_the_other_kernels(dtype, head_dim, group, switch, monkeypatch):
+    monkeypatch.setenv(switch, "1")
+    _check_gqa(dtype, head_dim, group, (333, (100, 7)))
+
+
+@pytest.mark.parametrize("group", [2, GQA_HEADS], ids=_gqa_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_gqa_forward_equals_attention_over_repeated_kv(dtype, group):
+    """Reading kv head h // group is exactly attention over k and v repeated per query head:
+    the same kernel on the same numbers (the Hopper forward's k / v maps have H_kv heads, the
+    repeat's H), so the same bits."""
+    q, k, v = make_qkv(2, GQA_HEADS, 700, 128, dtype, device="cuda", kv_heads=GQA_HEADS // group)
+    out, lse = fastattn.local_attention(q, k, v, (200, 30), return_lse=True)
+    k_rep, v_rep = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    out_rep, lse_rep = fastattn.local_attention(q, k_rep, v_rep, (200, 30), return_lse=True)
+    assert torch.equal(out, out_rep) and torch.equal(lse, lse_rep)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 1], ids=["gqa", "mqa"])
+def test_gqa_forward_allocates_no_copy_of_k_and_v(kv_heads):
+    """k and v are read in place by every query head of their group: the forward allocates out
+    and lse only, never a (B, H, L, D) repeat of k or v (which would be 2 x out here)."""
+    _ops.load()
+    q, k, v = make_qkv(1, 32, 4096, 128, torch.bfloat16, device="cuda", kv_heads=kv_heads)
+    fastattn.local_attention(q, k, v, (256, 0))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out, lse = fastattn.local_attention(q, k, v, (256, 0), return_lse=True)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.max_memory_allocated() - before
+    outputs = out.numel() * out.element_size() + lse.numel() * lse.element_size()
+    assert allocated <= outputs + (1 << 20), (allocated, outputs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
