@@ -43,6 +43,8 @@ class Case:
     layout: str = "bhld"  # "blhd": each shard a (B, H, L_r, D) view of (B, L_r, H, D) storage
     grad: bool = True  # False: called under torch.no_grad(), outputs only
     group_ranks: tuple[int, ...] | None = None  # a subgroup of these world ranks (else WORLD)
+    heads: int = HEADS
+    kv_heads: int | None = None  # GQA / MQA: k and v with this many heads (else heads)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ def _short_k_head_dim(call):
     call["k"] = call["k"][..., :8]
 
 
+def _kv_heads_not_dividing(call):
+    for name in "kv":
+        call[name] = torch.cat((call[name], call[name][:, :1]), dim=1)
+
+
 def _q_not_a_tensor(call):
     call["q"] = call["q"].tolist()
 
@@ -89,8 +96,8 @@ def _needs_grad(call):
 
 
 _MUTATIONS = {f.__name__.lstrip("_"): f for f in (
-    _more_heads, _float64, _short_k_head_dim, _q_not_a_tensor, _other_window, _own_key_lengths,
-    _needs_grad)}
+    _more_heads, _float64, _short_k_head_dim, _kv_heads_not_dividing, _q_not_a_tensor,
+    _other_window, _own_key_lengths, _needs_grad)}
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ def _cases(world: int) -> list:
             Case("wider-than-L-w100x100", n, (100, 100)),
             Case("equal-shards-w3x7-fp16", (16, 16), (3, 7), torch.float16),
             Case("strided-blhd-w7x7", n, (7, 7), layout="blhd", key_lengths=(15, 30)),
+            Case("gqa-4-over-2-w20x3", n, (20, 3), key_lengths=(20, 32), heads=4, kv_heads=2),
+            Case("mqa-w6x6-bf16", n, (6, 6), torch.bfloat16, kv_heads=1),
             *_bad_cases(n),
             Case("after-errors-w6x2", n, (6, 2)),
             ScalingCase("scaling-benchmark-runs"),
@@ -124,6 +133,8 @@ def _cases(world: int) -> list:
             Case("causal-wider-than-L-w30-kl-mid", n, (30, 0), key_lengths=(12, 0)),
             Case("no-lse-w2x5", n, (2, 5), return_lse=False),
             Case("no-grad-w6x1-bf16", n, (6, 1), torch.bfloat16, grad=False),
+            Case("mqa-blhd-w10x2-two-hops", n, (10, 2), layout="blhd", key_lengths=(20, 7),
+                 heads=3, kv_heads=1),
             *_bad_cases(n),
             Case("after-errors-w4x4-bf16", n, (4, 4), torch.bfloat16),
         ]
@@ -155,9 +166,14 @@ def _bad_cases(n):
         BadCase("error-dtype-differs", n, last, "float64", TypeError,
                 {r: rf"rank\(s\) \[{last}\] differ.*torch.float64" for r in ranks}),
         BadCase("error-k-head-dim-on-rank-0", n, 0, "short_k_head_dim", ValueError,
-                {0: r"q, k, v must have the same \(B, H, L, D\) shape.*on rank 0 of",
+                {0: r"k and v must have the same \(B, H_kv, L, D\) shape.*on rank 0 of",
                  **{r: r"the inputs of rank\(s\) \[0\] .* are invalid.*rank 0 has q.shape=\(2, 2, "
                     r".*k.shape=\(2, 2, \d+, 8\)" for r in ranks[1:]}}),
+        BadCase("error-kv-heads-not-dividing", n, last, "kv_heads_not_dividing", ValueError,
+                {**{r: rf"the inputs of rank\(s\) \[{last}\] .* are invalid.*rank {last} has "
+                    r"q.shape=\(2, 2, .*k.shape=\(2, 3, " for r in ranks[:-1]},
+                 last: r"q has H=2 heads, k and v have H_kv=3: H must be a multiple of H_kv.*"
+                       rf"on rank {last} of"}),
         BadCase("error-q-not-a-tensor", n, last, "q_not_a_tensor", TypeError,
                 {**{r: rf"inputs of rank\(s\) \[{last}\] .* invalid.*rank {last} has q=<not a "
                     r"tensor>" for r in ranks[:-1]},
@@ -186,8 +202,11 @@ def _inputs(case, device):
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
-    q, k, v = (randn(BATCH, HEADS, total, HEAD_DIM).to(case.dtype) for _ in range(3))
-    grad_out, grad_lse = randn(BATCH, HEADS, total, HEAD_DIM), randn(BATCH, HEADS, total)
+    kv_heads = case.heads if case.kv_heads is None else case.kv_heads
+    q, k, v = (randn(BATCH, heads, total, HEAD_DIM).to(case.dtype)
+               for heads in (case.heads, kv_heads, kv_heads))
+    grad_out = randn(BATCH, case.heads, total, HEAD_DIM)
+    grad_lse = randn(BATCH, case.heads, total)
     key_lengths = None if case.key_lengths is None else torch.tensor(case.key_lengths)
     return [t.to(device) for t in (q, k, v, grad_out, grad_lse)], key_lengths
 

@@ -109,7 +109,8 @@ def _values_text(rows, ranks, fields) -> str:
 _SAME_SHARD = tuple(f"{t}.{d}" for t in "qkv" for d in ("ndim", "B", "H", "D", "dtype")) + ("device",)
 _CHECKS = (
     (_SAME_SHARD, "every rank's q, k, v must be (B, H, L_r, D) shards with the same B, H, D, "
-                  "dtype and device type (only L_r may differ)"),
+                  "dtype and device type (only L_r may differ; k and v may have H_kv heads "
+                  "dividing H, the same on every rank)"),
     (("left", "right"), "window must be the same on every rank"),
     (("scale",), "scale must be the same on every rank"),
     (("key_lengths", "key_lengths.crc"),
@@ -158,7 +159,7 @@ def agree(q, k, v, window, key_lengths, scale, group) -> Agreed:
                          "group's ranks only")
     status, local_error, checked = _OK, None, {}
     try:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped_kv=True)
         checked["window"] = check_window(window)
         checked["scale"] = check_scale(scale, q.shape[-1])
         checked["key_lengths"] = check_lengths(key_lengths, "key_lengths", q.shape[0], q.device)

@@ -20,6 +20,8 @@ def local_attention(q, k, v, window, *, group=None, key_lengths=None, scale=None
     ``i - left <= j <= i + right`` and ``j < key_lengths[b]``, where ``key_lengths`` is the
     *global* valid length (the same (B,) tensor on every rank) and ``window`` is the same on
     every rank. Returns out (B, H, L_r, D), and lse (B, H, L_r) float32 with ``return_lse``.
+    GQA / MQA as in ``fastattn.local_attention``: k and v may have H_kv heads dividing H; the
+    halos then carry H_kv heads.
 
     Collective: every rank of the group must call it, and, when it needs gradients, run the
     backward. The call starts with one all_gather of a small description of each rank's
