@@ -7,6 +7,7 @@ there is one, else the CPU.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -115,9 +116,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_benchmark_update_commit_info(config, commit_info):
-    # A copy of the checkout without .git (a lent GPU machine) still names its commit when
-    # $FASTATTN_COMMIT is set; the gate and the report read commit_info.id first.
-    if commit_info.get("id") in (None, "", "unknown"):
+    # $FASTATTN_COMMIT names the tree that ran where git cannot (a lent GPU machine's copy has
+    # no .git, or a stale one): it overrides what pytest-benchmark read from git, "dirty" with
+    # it. The gate and the report read commit_info.id first.
+    if os.environ.get("FASTATTN_COMMIT"):
+        commit_info["id"] = os.environ["FASTATTN_COMMIT"]
+        commit_info["dirty"] = False
+    elif commit_info.get("id") in (None, "", "unknown"):
         commit = _machine()["commit"]
         if commit != "unknown":
             commit_info["id"] = commit

@@ -63,7 +63,12 @@ def peaks(name: str) -> tuple[dict[str, float] | None, float | None]:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout; else $FASTATTN_COMMIT (a copy without .git, e.g. a lent GPU box)."""
+    """$FASTATTN_COMMIT where set (a copy of the checkout whose .git is missing or stale, e.g.
+    on a lent GPU box: its git metadata named an older commit than the tree it ran); else HEAD
+    of the checkout."""
+    explicit = os.environ.get("FASTATTN_COMMIT")
+    if explicit:
+        return explicit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=True)
@@ -71,7 +76,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("FASTATTN_COMMIT") or "unknown"
+    return "unknown"
 
 
 def _driver() -> str:
