@@ -119,7 +119,7 @@ def test_hopper_backward_schedules(dtype, head_dim, switches, monkeypatch):
 
 # The Hopper forward's softmax: folded scale (the default where the scale is positive), and the
 # exact one (negative scales, or FASTATTN_WS_FWD_EXACT=1).
-HOPPER_FWD_SOFTMAX = ["default", "FASTATTN_WS_FWD_EXACT"]
+HOPPER_FWD_SOFTMAX = ["default", "FASTATTN_WS_FWD_EXACT", "FASTATTN_WS_FWD_CHAINS"]
 
 
 def _climbing_scores(seq_len, head_dim, dtype, step):

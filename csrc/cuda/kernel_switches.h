@@ -3,7 +3,8 @@
 // FASTATTN_DISABLE_WS_BWD, FASTATTN_WS_FWD_EXACT (the Hopper forward's exact softmax), and the
 // Hopper backward's schedules (FASTATTN_WS_BWD_*, see launch_bwd_ws); and one that takes a
 // newer variant not yet measured faster: FASTATTN_WS_FWD_Q_WARP (the Hopper forward's Q loaded
-// by a producer warp of its own); and FASTATTN_WS_FWD_TRACE, a development aid (the Hopper
+// by a producer warp of its own; measured no faster), FASTATTN_WS_FWD_CHAINS (its softmax's row
+// max and sum in 4 partial chains); and FASTATTN_WS_FWD_TRACE, a development aid (the Hopper
 // forward's cycles per phase printed, tools/fwd_trace.py).
 // Read at each launch, so a CUDA graph records what was set at capture.
 #pragma once

@@ -146,12 +146,16 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalA
 // base-2 units (times scale_log2) first, or, with kFoldScale, the max stays in raw score units
 // and scale and max are applied by one FFMA per score (max(c s) = c max(s) needs c > 0: the
 // caller keeps other scales on the default path, and scales row_max by scale_log2 at the end).
-template <int kBc, bool kFoldScale = false>
+// kChains: the row max and the row sum are each kept in that many partial values, combined at
+// the end, instead of one serial chain of 2 kBc / 8 dependent FMNMX / FADD (for a consumer
+// warp that has no other warp to hide their latency behind; kernel-notes, v3i).
+template <int kBc, bool kFoldScale = false, int kChains = 1>
 __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&correction)[2],
                                                const LocalAttentionParams& p, int64_t keys,
                                                int64_t w0, int64_t k0, float scale_log2,
                                                int lane) {
+  static_assert((kBc / 8) % kChains == 0, "the tile's column pairs split evenly over chains");
   mask_scores<kBc, !kFoldScale>(s, p, keys, w0, k0, scale_log2, lane);
   // x - m in base-2 units (the compiler would keep a multiply-add by 1 as an FFMA).
   const auto shifted = [&](float x, float m, float m_scaled) {
@@ -159,22 +163,33 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&r
   };
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = -INFINITY;
+    float part[kChains];
 #pragma unroll
-    for (int i = 0; i < kBc / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+    for (int c = 0; c < kChains; ++c) part[c] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i) {
+      part[i % kChains] = fmaxf(part[i % kChains], fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+    }
+    float mx = part[0];
+#pragma unroll
+    for (int c = 1; c < kChains; ++c) mx = fmaxf(mx, part[c]);
     const float new_max = fmaxf(row_max[r], quad_max(mx));
     // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
     const float base = new_max == -INFINITY ? 0.f : new_max;
     const float base_scaled = kFoldScale ? base * scale_log2 : base;
     correction[r] = exp2f(kFoldScale ? (row_max[r] - base) * scale_log2 : row_max[r] - base);
     row_max[r] = new_max;
-    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) part[c] = 0.f;
 #pragma unroll
     for (int i = 0; i < kBc / 8; ++i) {
       s[i][2 * r] = exp2f(shifted(s[i][2 * r], base, base_scaled));
       s[i][2 * r + 1] = exp2f(shifted(s[i][2 * r + 1], base, base_scaled));
-      sum += s[i][2 * r] + s[i][2 * r + 1];
+      part[i % kChains] += s[i][2 * r] + s[i][2 * r + 1];
     }
+    float sum = part[0];
+#pragma unroll
+    for (int c = 1; c < kChains; ++c) sum += part[c];
     row_sum[r] = row_sum[r] * correction[r] + sum;
   }
 }

@@ -204,7 +204,7 @@ enum FwdPhase {
 template <bool kTrace>
 using FwdTrace = PhaseTrace<kFwdPhases, kTrace>;
 
-template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace>
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace, int kChains>
 __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
                                            const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
                                            FwdTrace<kTrace>& trace, int wg, int tid) {
@@ -247,7 +247,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     wgmma_wait<0>();
     fence_accumulators(s);
     release_q_after(0);
-    online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo,
+    online_softmax<kBc, kFoldScale, kChains>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo,
                                     scale_log2, lane);
     pack_probabilities<T, kBc>(pa, s);
     trace.mark(kFwdFirst);
@@ -272,7 +272,7 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       fence_accumulators(s);
       trace.mark(kFwdSReady);
       release_q_after(n);
-      online_softmax<kBc, kFoldScale>(s, row_max, row_sum, correction, p, blk.keys, w0,
+      online_softmax<kBc, kFoldScale, kChains>(s, row_max, row_sum, correction, p, blk.keys, w0,
                                       blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
       trace.mark(kFwdSoftmax);
       wgmma_wait<0>();
@@ -329,7 +329,8 @@ __device__ void print_fwd_trace(const FwdTrace<kTrace>& trace, int d, bool q_war
 // Persistent: each block walks the work items blockIdx.x, blockIdx.x + gridDim.x, ..., so the
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
-template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace = false>
+// kChains: the softmax's row max and sum in that many partial chains (v3i: 4; 1 is v3g).
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace = false, int kChains = 1>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
@@ -380,7 +381,8 @@ __global__ void __launch_bounds__(384, 1)
     int rounds = 0, tiles = 0;
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
       const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kFoldScale, kQWarp, kTrace>(p, blk, sm, at, trace, warpgroup - 1, tid);
+      ws_consume<T, D, kFoldScale, kQWarp, kTrace, kChains>(p, blk, sm, at, trace, warpgroup - 1,
+                                                            tid);
       rounds += blk.n_tiles > 1 ? blk.n_tiles - 1 : 0;
       tiles += blk.n_tiles > 0;
     }
@@ -399,14 +401,14 @@ __global__ void __launch_bounds__(384, 1)
 inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
 
 // One launch of the persistent kernel: a block per SM at most, the shared memory of kQWarp's layout.
-// kTrace: the trace build (folded softmax only).
-template <typename T, int D, bool kQWarp, bool kTrace = false>
+// kTrace: the trace build, kChains > 1: v3i's softmax (both with the folded softmax only).
+template <typename T, int D, bool kQWarp, bool kTrace = false, int kChains = 1>
 cudaError_t launch_fwd_ws_kernel(const LocalAttentionParams& p, const FwdTensorMaps& maps,
                                  bool folds, cudaStream_t stream) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
-  auto kernel = kTrace  ? local_fwd_ws_kernel<T, D, true, kQWarp, kTrace>
-                : folds ? local_fwd_ws_kernel<T, D, true, kQWarp>
-                        : local_fwd_ws_kernel<T, D, false, kQWarp>;
+  auto kernel = kTrace || kChains > 1 ? local_fwd_ws_kernel<T, D, true, kQWarp, kTrace, kChains>
+                : folds               ? local_fwd_ws_kernel<T, D, true, kQWarp>
+                                      : local_fwd_ws_kernel<T, D, false, kQWarp>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
@@ -446,6 +448,12 @@ bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError
                     : launch_fwd_ws_kernel<T, D, false, true>(p, maps, folds, stream);
       return true;
     }
+  }
+  // FASTATTN_WS_FWD_CHAINS=1: the softmax's max and sum in 4 partial chains (v3i, not yet
+  // measured; v3g's Q loading).
+  if (folds && switch_set("FASTATTN_WS_FWD_CHAINS")) {
+    *err = launch_fwd_ws_kernel<T, D, false, false, 4>(p, maps, folds, stream);
+    return true;
   }
   *err = q_warp
              ? launch_fwd_ws_kernel<T, D, true>(p, maps, folds, stream)
