@@ -10,37 +10,50 @@ from fastattn.perf.flops import case_bytes, case_flops
 from tests.local_cases import FLOORS
 from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
 
-# The check compares batch 0, head 0 of the implementation's full-shape result with the
-# references: heads and batches are independent, and a float64 reference of every head at
-# L = 65536 would cost more than the benchmark.
-_CHECKED = (slice(0, 1), slice(0, 1))
+# The check compares batch 0, kv head 0 and query head 0 of the implementation's full-shape
+# result with the references: heads and batches are independent, and a float64 reference of
+# every head at L = 65536 would cost more than the benchmark. Under GQA it takes the first
+# CHECKED_GROUP query heads of kv head 0's group, so that dk and dv are checked as the sum over
+# query heads they are; the group's other heads get a zero upstream gradient (they add nothing
+# to dk, dv of kv head 0), which keeps an MQA check at H = 32 as cheap as two heads.
+CHECKED_GROUP = 2
+
+
+def _checked(case) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """(batch, head) slices of q / out and of k / v that the check compares."""
+    return (slice(0, 1), slice(0, min(case.group, CHECKED_GROUP))), (slice(0, 1), slice(0, 1))
 
 
 def check(impl, fn, case, direction, device) -> None:
     """Fresh random inputs, output and (for bwd directions) gradients against float64."""
+    q_part, kv_part = _checked(case)
     if impl.max_check_len and case.seq_len > impl.max_check_len:
-        case = case.with_(batch=1, heads=1, seq_len=impl.max_check_len)
+        case = case.with_(batch=1, heads=q_part[1].stop, seq_len=impl.max_check_len,
+                          kv_heads=None if case.kv_heads is None else 1)
         fn = impl.prepare(case, device)
+    parts = (q_part, kv_part, kv_part)
     generator = torch.Generator(device).manual_seed(20261126)
     grad = direction != "fwd"
     q, k, v = (t.requires_grad_(grad) for t in case.inputs(device, generator=generator))
     out, reference = impl.checked_call(fn, case, q, k, v)
-    gold_in = [t.detach()[_CHECKED].double().requires_grad_(grad) for t in (q, k, v)]
-    same_in = [t.detach()[_CHECKED].clone().requires_grad_(grad) for t in (q, k, v)]
+    gold_in = [t.detach()[p].double().requires_grad_(grad) for t, p in zip((q, k, v), parts)]
+    same_in = [t.detach()[p].clone().requires_grad_(grad) for t, p in zip((q, k, v), parts)]
     gold, same = reference(*gold_in), reference(*same_in)
     floor = FLOORS[case.torch_dtype]
     label = f"{impl.name} on {case.bench_id(direction)}"
-    assert_close_to_reference(out[_CHECKED], gold, same, floor=floor, name=f"{label}: out")
+    assert_close_to_reference(out[q_part], gold, same, floor=floor, name=f"{label}: out")
     if not grad:
         return
     upstream = torch.randn(out.shape, generator=generator, device=device)
+    upstream[:, q_part[1].stop:case.group] = 0
     grads = torch.autograd.grad(out, (q, k, v), upstream.to(out.dtype))
-    gold_grads = torch.autograd.grad(gold, gold_in, upstream[_CHECKED].double())
-    same_grads = torch.autograd.grad(same, same_in, upstream[_CHECKED].to(same.dtype))
+    gold_grads = torch.autograd.grad(gold, gold_in, upstream[q_part].double())
+    same_grads = torch.autograd.grad(same, same_in, upstream[q_part].to(same.dtype))
     checked = impl.grads_checked(case)
-    for name, actual, gold_grad, same_grad in zip("qkv", grads, gold_grads, same_grads, strict=True):
+    for name, actual, part, gold_grad, same_grad in zip("qkv", grads, parts, gold_grads,
+                                                        same_grads, strict=True):
         if name in checked:
-            assert_close_to_reference(actual[_CHECKED], gold_grad, same_grad, factor=GRAD_FACTOR,
+            assert_close_to_reference(actual[part], gold_grad, same_grad, factor=GRAD_FACTOR,
                                       floor=floor, name=f"{label}: grad_{name}")
 
 

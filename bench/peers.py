@@ -1,10 +1,11 @@
 """The implementations timed side by side, each behind one small interface.
 
-Every implementation takes and returns (B, H, L, D) tensors. ``prepare`` does everything that
-must stay out of the timing (compilation, block masks, mask buffers, module construction).
-``applies`` says statically whether a case is in the implementation's scope (cases outside it
-are not generated); ``missing`` says at run time why it cannot run here (not built, not
-installed, not implemented yet): such a benchmark is skipped with that reason.
+Every implementation takes and returns (B, H, L, D) tensors (k and v with H_kv heads in a GQA
+case). ``prepare`` does everything that must stay out of the timing (compilation, block masks,
+mask buffers, module construction). ``applies`` says statically whether a case is in the
+implementation's scope (cases outside it are not generated); ``missing`` says at run time why it
+cannot run here (not built, not installed, not implemented yet): such a benchmark is skipped
+with that reason.
 ``checked_call`` runs the implementation for the correctness check and returns its output with
 the reference to hold it to (same discrete choices, e.g. the same clustering).
 """
@@ -31,6 +32,13 @@ except ImportError:  # torch < 2.5
     create_block_mask = flex_attention = None
 
 SMALL_SEQ_LEN = 4096  # the eager reference is timed only up to this L
+
+
+def _gqa_kwargs(case) -> dict:
+    """``enable_gqa=True`` for a GQA / MQA case (FlexAttention's and SDPA's flag, torch >= 2.5:
+    query head h reads kv head h // (H // H_kv), as in fastattn); nothing otherwise, so the
+    other cases' calls stay as they were."""
+    return {"enable_gqa": True} if case.kv_heads is not None else {}
 
 
 def _local_reference(case):
@@ -149,15 +157,15 @@ class FlexAttention(Impl):
 
         block_mask = create_block_mask(sliding_window, B=None, H=None, Q_LEN=case.seq_len,
                                             KV_LEN=case.seq_len, device=device)
-        compiled = _compiled_flex()
-        return lambda q, k, v: compiled(q, k, v, block_mask)
+        compiled, gqa = _compiled_flex(), _gqa_kwargs(case)
+        return lambda q, k, v: compiled(q, k, v, block_mask, **gqa)
 
 
 class FlexFallbackError(RuntimeError):
     """FlexAttention ran outside torch.compile: its unfused path, which must not be timed."""
 
 
-def _flex_call(q, k, v, block_mask):
+def _flex_call(q, k, v, block_mask, enable_gqa=False):
     # Under torch.compile this test is a constant True and vanishes. If dynamo gives up (graph
     # break, recompile limit) it runs this function eagerly, and FlexAttention would take its
     # unfused path that materializes all L x L scores: refuse loudly instead of timing that.
@@ -165,7 +173,7 @@ def _flex_call(q, k, v, block_mask):
         raise FlexFallbackError(
             "FlexAttention ran uncompiled (its unfused L x L path); torch.compile fell back to "
             "eager for this call, so it is not timed")
-    return flex_attention(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 @functools.cache
@@ -180,7 +188,8 @@ def _compiled_flex():
 
 class FlashAttention4(Impl):
     """FlashAttention 4 (``flash-attn-4``, its CuTe-DSL kernels) on (B, L, H, D) views of our
-    (B, H, L, D) tensors: its own layout, reached by a transpose that copies nothing."""
+    (B, H, L, D) tensors: its own layout, reached by a transpose that copies nothing. GQA / MQA
+    is native to it: k and v go in with their H_kv heads."""
 
     name = "flash-attn-4"
     # no_graph_reason stays None: its kernels launch on the TVM-FFI environment stream, which
@@ -261,7 +270,8 @@ class Sdpa(Impl):
         return case.op == "local" and case.window[1] == 0
 
     def prepare(self, case, device):
-        return functools.partial(F.scaled_dot_product_attention, is_causal=self._causal(case))
+        return functools.partial(F.scaled_dot_product_attention, is_causal=self._causal(case),
+                                 **_gqa_kwargs(case))
 
     def checked_call(self, fn, case, q, k, v):
         length = q.shape[2]
@@ -315,6 +325,9 @@ class FastTransformers(Impl):
         return True
 
     def missing(self, case, direction, device):
+        if case.kv_heads is not None:
+            return (f"fast-transformers 0.4.0 has no GQA / MQA (k and v need q's H={case.heads} "
+                    f"heads, not H_kv={case.kv_heads})")
         if importlib.util.find_spec("fast_transformers") is None:
             return "fast_transformers is not importable (run `make fast-transformers`)"
         return None

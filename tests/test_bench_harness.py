@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import harness, peers
-from fastattn.perf.cases import Case
+from fastattn.perf.cases import Case, case_set
 from fastattn.reference import local_attention_reference
 
 CASE = Case("local", 1, 2, 64, 16, "fp32", window=(5, 3), directions=("fwd", "fwd+bwd"))
@@ -115,7 +115,8 @@ def fake_fa4(monkeypatch):
 
     def flash_attn_func(q, k, v, window_size=(None, None)):
         calls.append({"ptrs": [t.data_ptr() for t in (q, k, v)], "shape": tuple(q.shape),
-                      "grad": q.requires_grad, "window_size": window_size})
+                      "kv_shape": tuple(k.shape), "grad": q.requires_grad,
+                      "window_size": window_size})
         assert all(t.stride(-1) == 1 for t in (q, k, v))
         assert all(side is None or side >= 0 for side in window_size)
         length = q.shape[1]
@@ -153,3 +154,90 @@ def test_flash_attention_4_gets_transposed_views_and_its_window(fake_fa4, window
     assert call["ptrs"] == [t.data_ptr() for t in (q, k, v)], "views, not copies"
     assert call["window_size"] == window_size
     assert out.shape == case.shape
+
+
+GQA = next(c for c in case_set("smoke") if c.kv_heads)  # (1, 4 | 2, 256, 32), fp32, (32, 32)
+CPU_PEERS = ("fastattn", "flex", "sdpa", "reference")
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name", CPU_PEERS)
+def test_the_smoke_gqa_case_runs_through_each_cpu_peer(name, direction):
+    impl = peers.IMPLS[name]
+    assert impl.applies(GQA, "cpu")
+    reason = impl.missing(GQA, direction, "cpu")
+    if reason:  # FlexAttention's backward on a CPU: the one reason expected here
+        assert (name, direction) == ("flex", "fwd+bwd"), reason
+        assert reason == "FlexAttention has no backward on CPU"
+        pytest.skip(reason)
+    fn = impl.prepare(GQA, "cpu")
+    harness.check(impl, fn, GQA, direction, "cpu")  # out and dq, dk, dv against float64
+    result = harness.make_call(fn, GQA, direction, "cpu")()
+    if direction == "fwd":
+        assert result.shape == GQA.shape
+    else:
+        assert [g.shape for g in result] == [GQA.shape, GQA.kv_shape, GQA.kv_shape]
+
+
+def test_fast_transformers_skips_gqa_with_the_reason():
+    ft = peers.IMPLS["fast-transformers"]
+    assert ft.applies(GQA, "cpu"), "generated, so that its skip is reported, not silent"
+    assert ft.missing(GQA, "fwd", "cpu") == (
+        "fast-transformers 0.4.0 has no GQA / MQA (k and v need q's H=4 heads, not H_kv=2)")
+
+
+def test_flex_and_sdpa_get_enable_gqa_only_for_gqa_cases():
+    sdpa = peers.IMPLS["sdpa"]
+    assert sdpa.prepare(GQA, "cpu").keywords == {"is_causal": False, "enable_gqa": True}
+    assert sdpa.prepare(GQA.with_(kv_heads=None), "cpu").keywords == {"is_causal": False}
+
+
+class _GqaMapped(peers.Impl):
+    """Local attention whose k, v are repeated to H heads by ``expand`` (a wrong GQA mapping or a
+    dk, dv that miss some of a group's query heads): the check must catch each."""
+
+    name = "gqa-mapped"
+
+    def __init__(self, expand):
+        self.expand = expand
+
+    def prepare(self, case, device):
+        def call(q, k, v):
+            k, v = (self.expand(t, q.shape[1] // t.shape[1]) for t in (k, v))
+            return local_attention_reference(q, k, v, case.window)
+
+        return call
+
+
+def _first_of_group_only(t, group):
+    # Right values, but only each group's first query head sends gradient back to k and v.
+    repeated = t.repeat_interleave(group, dim=1)
+    first = (torch.arange(repeated.shape[1]) % group == 0).view(1, -1, 1, 1)
+    return torch.where(first, repeated, repeated.detach())
+
+
+def test_the_gqa_check_catches_a_wrong_head_mapping_and_a_wrong_group_sum():
+    right = _GqaMapped(lambda t, group: t.repeat_interleave(group, dim=1))
+    harness.check(right, right.prepare(GQA, "cpu"), GQA, "fwd+bwd", "cpu")
+    # h % H_kv instead of h // (H // H_kv): query head 1 reads kv head 1
+    tiled = _GqaMapped(lambda t, group: t.repeat(1, group, 1, 1))
+    with pytest.raises(AssertionError, match=": out"):
+        harness.check(tiled, tiled.prepare(GQA, "cpu"), GQA, "fwd", "cpu")
+    partial = _GqaMapped(_first_of_group_only)
+    harness.check(partial, partial.prepare(GQA, "cpu"), GQA, "fwd", "cpu")
+    with pytest.raises(AssertionError, match="grad_k"):
+        harness.check(partial, partial.prepare(GQA, "cpu"), GQA, "fwd+bwd", "cpu")
+
+
+def test_a_shortened_check_keeps_a_gqa_group():
+    sdpa = peers.Sdpa()
+    sdpa.max_check_len = 128  # below the case's L = 256: the check runs a (1, 2 | 1, 128) case
+    harness.check(sdpa, sdpa.prepare(GQA, "cpu"), GQA, "fwd+bwd", "cpu")
+
+
+def test_flash_attention_4_gets_k_and_v_with_their_kv_heads(fake_fa4):
+    fa4, case = peers.IMPLS["flash-attn-4"], GQA.with_(dtype="bf16", window=(63, 0))
+    fn = fa4.prepare(case, "cpu")
+    harness.check(fa4, fn, case, "fwd+bwd", "cpu")
+    fn(*case.inputs("cpu"))
+    assert fake_fa4[-1]["shape"] == (1, 256, 4, 32) and fake_fa4[-1]["kv_shape"] == (1, 256, 2, 32)

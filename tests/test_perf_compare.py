@@ -11,6 +11,7 @@ import pytest
 
 from fastattn.perf import runs as runs_module
 from fastattn.perf.__main__ import main
+from fastattn.perf.cases import case_set
 from fastattn.perf.runs import load_run, scaled
 from tests.perf_factory import DEVICE, case_name, make_run, noisy_cases, write_run
 
@@ -71,6 +72,28 @@ def test_improvements_new_and_missing_cases_are_reported_not_failed(tmp_path, rn
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("| improvement |") == 2 and out.count("| new |") == 1 and out.count("| missing |") == 1
+
+
+def test_cases_added_to_the_table_are_new_against_an_older_baseline(tmp_path, rng, capsys):
+    # The GQA cases joined `default` after bench/baselines/ was saved: a run holding them passes
+    # the gate, and they are listed as new beside the judged cases.
+    gqa = [c for c in case_set("default") if c.kv_heads is not None]
+    old_names = [f"bench/test_local.py::test_local[{impl}-{c.bench_id(d)}]"
+                 for c in case_set("default")[:2] for d in c.directions
+                 for impl in ("fastattn", "flex")]
+    new_names = [f"bench/test_local.py::test_local[fastattn-{c.bench_id(d)}]"
+                 for c in gqa for d in c.directions]
+    base_cases = {name: 1e-4 * rng.lognormal(0.0, 0.02, 30) for name in old_names}
+    run_cases = {name: t * rng.lognormal(0.0, 0.02, 30) for name, t in base_cases.items()}
+    run_cases.update({name: 1e-3 * rng.lognormal(0.0, 0.02, 30) for name in new_names})
+    code = gate(write_run(tmp_path / "b.json", make_run(base_cases)),
+                write_run(tmp_path / "r.json", make_run(run_cases)))
+    out = capsys.readouterr().out
+    assert code == 0
+    new_rows = [line for line in out.splitlines() if "| new |" in line]
+    assert len(new_rows) == len(new_names) == 4
+    assert all("KV" in row for row in new_rows)
+    assert f"perf gate: pass: 4 new, {len(old_names)} unchanged" in out
 
 
 @pytest.mark.parametrize(

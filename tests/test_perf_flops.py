@@ -1,12 +1,17 @@
 """The FLOP/byte model against brute-force mask counts, and the shared case table."""
 
 import itertools
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastattn.perf import flops
-from fastattn.perf.cases import SETS, case_set
+from fastattn.perf.cases import SETS, Case, case_set
+
+BASELINES = Path(__file__).resolve().parents[1] / "bench" / "baselines"
 
 
 def brute_pairs(seq_len, window, key_length=None):
@@ -57,10 +62,10 @@ def test_bytes_read_inputs_and_write_outputs_once():
     assert flops.case_flops(case, "fwd") == 4 * 64 * 16 * brute_pairs(16384, (256, 256))
 
 
-def test_default_set_is_issue_6s_table():
+def test_default_set_is_issue_6s_table_and_issue_14s_gqa_cases():
     default = case_set("default")
     local = {(c.batch, c.heads, c.seq_len, c.head_dim, c.window, c.dtype)
-             for c in default if c.op == "local"}
+             for c in default if c.op == "local" and c.kv_heads is None}
     shapes = [(4, 16, 4096, 64, (128, 128)), (1, 16, 16384, 64, (256, 256)),
               (1, 16, 65536, 64, (256, 256)), (2, 16, 16384, 128, (512, 512)),
               (1, 16, 16384, 128, (2047, 0)), (1, 16, 32768, 128, (1024, 1023))]
@@ -70,6 +75,9 @@ def test_default_set_is_issue_6s_table():
     assert clustered == {(op, *s, dtype) for op in ("clustered", "improved-clustered")
                          for s in [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]
                          for dtype in ("fp32", "bf16")}
+    gqa = {(c.batch, c.heads, c.kv_heads, c.seq_len, c.head_dim, c.window, c.dtype)
+           for c in default if c.kv_heads is not None}
+    assert gqa == {(1, 32, kv, 16384, 128, (4096, 0), "bf16") for kv in (8, 1)}
     assert all(c.directions == ("fwd", "fwd+bwd") for c in default)
 
 
@@ -92,3 +100,59 @@ def test_case_inputs_are_random_not_zeros():
     assert q.shape == case.shape and q.dtype == case.torch_dtype
     assert q.float().std() > 0.5
     assert not torch.equal(q, k)
+
+
+GQA = Case("local", 1, 32, 16384, 128, "bf16", window=(4096, 0), kv_heads=8)
+
+
+def test_gqa_ids_name_the_kv_heads_and_other_ids_are_unchanged():
+    assert GQA.id == "local-bf16-B1H32KV8L16384D128-w4096x0"
+    assert GQA.bench_id("fwd+bwd") == "local-fwd+bwd-bf16-B1H32KV8L16384D128-w4096x0"
+    assert GQA.with_(kv_heads=1).id == "local-bf16-B1H32KV1L16384D128-w4096x0"
+    assert GQA.with_(kv_heads=None).id == "local-bf16-B1H32L16384D128-w4096x0"
+    ids = {c.id for c in case_set("full")}
+    assert {"local-bf16-B4H16L4096D64-w128x128", "local-fp32-B1H16L16384D64-w256x256",
+            "local-bf16-B1H16L16384D128-w2047x0", "improved-clustered-bf16-B1H8L16384D64-c256k32",
+            "local-bf16-B1H32KV8L16384D128-w4096x0", "local-bf16-B1H32KV1L16384D128-w4096x0"} <= ids
+    assert "local-fp32-B1H4KV2L256D32-w32x32" in {c.id for c in case_set("smoke")}
+
+
+@pytest.mark.parametrize("path", sorted(BASELINES.glob("*.json")), ids=lambda p: p.stem)
+def test_every_saved_baseline_case_is_still_in_the_table_under_its_id(path):
+    # Baselines are keyed by these ids: a renamed case would silently drop out of the gate.
+    groups = {c.bench_id(d): c for c in case_set("full") for d in c.directions}
+    for bench in json.loads(path.read_text())["benchmarks"]:
+        assert bench["group"] in groups, bench["fullname"]
+        assert groups[bench["group"]].id == bench["extra_info"]["case"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"kv_heads": 3}, "heads=32, kv_heads=3"),
+    ({"kv_heads": 0}, "heads=32, kv_heads=0"),
+    ({"kv_heads": -8}, "heads=32, kv_heads=-8"),
+    ({"kv_heads": 64}, "heads=32, kv_heads=64"),
+    ({"op": "clustered", "window": None, "clusters": 16}, "op='clustered', kv_heads=8"),
+])
+def test_kv_heads_must_divide_heads_and_belong_to_local_attention(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GQA.with_(**changes)
+
+
+def test_gqa_counts_the_same_flops_and_fewer_bytes_for_k_and_v():
+    mha = GQA.with_(kv_heads=None)
+    q_bytes = 1 * 32 * 16384 * 128 * 2
+    for direction, (q_like, kv_like) in {"fwd": (2, 2), "bwd": (4, 4), "fwd+bwd": (6, 6)}.items():
+        assert flops.case_flops(GQA, direction) == flops.case_flops(mha, direction)
+        assert flops.case_bytes(GQA, direction) == q_like * q_bytes + kv_like * q_bytes // 4
+        assert flops.case_bytes(GQA.with_(kv_heads=1), direction) == (
+            q_like * q_bytes + kv_like * q_bytes // 32)
+        assert flops.case_bytes(mha, direction) == (q_like + kv_like) * q_bytes
+    assert GQA.describe()["H_kv"] == 8 and "H_kv" not in mha.describe()
+
+
+def test_gqa_inputs_give_k_and_v_their_kv_heads():
+    case = next(c for c in case_set("smoke") if c.kv_heads)
+    q, k, v = case.inputs("cpu", generator=torch.Generator().manual_seed(0))
+    assert q.shape == case.shape == (1, 4, 256, 32)
+    assert k.shape == v.shape == case.kv_shape == (1, 2, 256, 32)
+    assert case.group == 2 and GQA.group == 4 and GQA.with_(kv_heads=None).group == 1

@@ -85,3 +85,14 @@ def test_noise_reports_the_change_of_each_median_and_summarises_the_slow_ones():
     # 4 medians >= 100 us in both runs (the 2e-4 one halves to 1e-4): 2 moved more than 3%.
     assert text.splitlines()[0].startswith("4 benchmarks") and "max 50.0%" in text
     assert "2 above 3%" in text
+
+
+def test_noise_counts_benchmarks_of_one_run_only_and_compares_the_rest():
+    later = copy.deepcopy(RUN)
+    new = bench("fastattn", "local-fwd-bf16-B1H32KV8L16384D128-w4096x0", 3e-4)
+    later["benchmarks"] = later["benchmarks"][1:] + [new]  # one case dropped, one added
+    text = report.noise(RUN, later, min_s=1e-4)
+    summary = text.splitlines()[0]
+    assert "not compared: 1 only in the second run (new), 1 only in the first" in summary
+    assert "KV8" not in text.split("\n", 1)[1]  # no row for it: nothing to compare with
+    assert text.splitlines()[0].startswith("3 benchmarks")

@@ -4,7 +4,8 @@ A :class:`Case` is an op at one shape and dtype; a benchmark is a case in one di
 (``fwd``, ``bwd`` or ``fwd+bwd``) timed for one implementation. Named sets:
 
 - ``smoke``: small shapes that run every code path on 2 CPU cores in well under 2 minutes;
-- ``default``: the shapes of issue 6 (what ``make bench`` times on a GPU);
+- ``default``: the shapes of issue 6 and issue 14's GQA / MQA cases (what ``make bench`` times
+  on a GPU);
 - ``full``: ``default`` plus sweeps over sequence length, head dim and window width, and the
   window-width sweep of ``python -m fastattn.perf windows`` (:data:`WINDOW_WIDTHS`).
 """
@@ -33,6 +34,8 @@ class Case:
     clusters: int | None = None  # clustered ops
     topk: int = 32  # improved-clustered only
     directions: tuple[str, ...] = ("fwd", "fwd+bwd")
+    kv_heads: int | None = None  # local GQA / MQA: the heads of k and v; None: heads
+
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -43,6 +46,13 @@ class Case:
             raise ValueError(f"a window is needed by local attention and only by it: {self}")
         if self.op != "local" and not self.clusters:
             raise ValueError(f"{self.op} needs clusters > 0, got clusters={self.clusters}")
+        if self.kv_heads is not None:
+            if self.op != "local":
+                raise ValueError(f"kv_heads (GQA / MQA) is for local attention only, got "
+                                 f"op={self.op!r}, kv_heads={self.kv_heads}")
+            if self.kv_heads <= 0 or self.heads % self.kv_heads:
+                raise ValueError(f"kv_heads must be positive and divide heads, got "
+                                 f"heads={self.heads}, kv_heads={self.kv_heads}")
         bad = set(self.directions) - set(DIRECTIONS)
         if bad:
             raise ValueError(f"directions must be among {DIRECTIONS}, got {sorted(bad)}")
@@ -56,6 +66,23 @@ class Case:
         return (self.batch, self.heads, self.seq_len, self.head_dim)
 
     @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """The shape of k and v: ``shape`` with kv_heads heads under GQA / MQA."""
+        return (self.batch, self.kv_heads or self.heads, self.seq_len, self.head_dim)
+
+    @property
+    def group(self) -> int:
+        """Query heads per k / v head: 1 without GQA, ``heads`` for MQA."""
+        return self.heads // (self.kv_heads or self.heads)
+
+    @property
+    def _dims(self) -> str:
+        """``B1H16L16384D64``; ``B1H32KV8L16384D128`` under GQA (KV: the heads of k and v)."""
+        b, h, length, d = self.shape
+        kv = "" if self.kv_heads is None else f"KV{self.kv_heads}"
+        return f"B{b}H{h}{kv}L{length}D{d}"
+
+    @property
     def params(self) -> str:
         """The op-specific tail of the id: ``w256x256``, ``c128`` or ``c128k32``."""
         if self.op == "local":
@@ -65,21 +92,21 @@ class Case:
     @property
     def id(self) -> str:
         """E.g. ``local-bf16-B1H16L16384D64-w256x256``."""
-        b, h, length, d = self.shape
-        return f"{self.op}-{self.dtype}-B{b}H{h}L{length}D{d}-{self.params}"
+        return f"{self.op}-{self.dtype}-{self._dims}-{self.params}"
 
     def bench_id(self, direction: str) -> str:
         """The case in one direction, e.g. ``local-fwd-bf16-B1H16L16384D64-w256x256``.
 
         It is the pytest-benchmark group, so every implementation of it sits in one table.
         """
-        b, h, length, d = self.shape
-        return f"{self.op}-{direction}-{self.dtype}-B{b}H{h}L{length}D{d}-{self.params}"
+        return f"{self.op}-{direction}-{self.dtype}-{self._dims}-{self.params}"
 
     def describe(self) -> dict:
         """The case's parameters, as plain JSON values (for a benchmark's extra_info)."""
         info = {"op": self.op, "case": self.id, "B": self.batch, "H": self.heads,
                 "L": self.seq_len, "D": self.head_dim, "dtype": self.dtype}
+        if self.kv_heads is not None:
+            info["H_kv"] = self.kv_heads
         if self.op == "local":
             info["window"] = list(self.window)
         else:
@@ -88,21 +115,20 @@ class Case:
                 info["topk"] = self.topk
         return info
 
-    def inputs(self, device, *, generator: torch.Generator | None = None, batch=None, heads=None):
-        """Random normal q, k, v (never zeros: they hide unwritten outputs and time differently).
-
-        ``batch``/``heads`` shrink the case for a cheap correctness check at the same L, D, window.
-        """
-        shape = (batch or self.batch, heads or self.heads, self.seq_len, self.head_dim)
+    def inputs(self, device, *, generator: torch.Generator | None = None):
+        """Random normal q, k, v (never zeros: they hide unwritten outputs and time differently);
+        k and v with kv_heads heads under GQA / MQA."""
         return tuple(torch.randn(shape, generator=generator, device=device,
-                                 dtype=torch.float32).to(self.torch_dtype) for _ in range(3))
+                                 dtype=torch.float32).to(self.torch_dtype)
+                     for shape in (self.shape, self.kv_shape, self.kv_shape))
 
     def with_(self, **changes) -> Case:
         return replace(self, **changes)
 
 
-def _local(b, h, length, d, window, dtype="bf16", directions=("fwd", "fwd+bwd")):
-    return Case("local", b, h, length, d, dtype, window=tuple(window), directions=directions)
+def _local(b, h, length, d, window, dtype="bf16", directions=("fwd", "fwd+bwd"), kv_heads=None):
+    return Case("local", b, h, length, d, dtype, window=tuple(window), directions=directions,
+                kv_heads=kv_heads)
 
 
 def _clustered(op, b, h, length, d, clusters, dtype, directions=("fwd", "fwd+bwd"), topk=32):
@@ -117,12 +143,15 @@ _DEFAULT_LOCAL = [
     (1, 16, 16384, 128, (2047, 0)),
     (1, 16, 32768, 128, (1024, 1023)),
 ]
+# GQA (issue 14): Mistral's 32 query heads over 8 kv heads, and MQA (one kv head), bf16.
+_DEFAULT_GQA = [((1, 32, 16384, 128, (4096, 0)), kv_heads) for kv_heads in (8, 1)]
 _DEFAULT_CLUSTERED = [(2, 8, 4096, 64, 128), (1, 8, 16384, 64, 256)]
 
 
 def _default() -> list[Case]:
     cases = [_local(*shape) for shape in _DEFAULT_LOCAL]
     cases += [_local(*shape, dtype="fp32") for shape in _DEFAULT_LOCAL[:2]]
+    cases += [_local(*shape, kv_heads=kv_heads) for shape, kv_heads in _DEFAULT_GQA]
     for op in ("clustered", "improved-clustered"):
         for dtype in ("fp32", "bf16"):
             cases += [_clustered(op, *shape, dtype) for shape in _DEFAULT_CLUSTERED]
@@ -133,6 +162,9 @@ def _smoke() -> list[Case]:
     return [
         _local(1, 2, 256, 32, (32, 32), dtype="fp32"),
         _local(1, 2, 256, 64, (64, 0), dtype="bf16", directions=("fwd", "bwd")),
+        # GQA in float32 with a window fast-transformers can express: each CPU peer runs it or
+        # says why not (fast-transformers has no GQA).
+        _local(1, 4, 256, 32, (32, 32), dtype="fp32", kv_heads=2),
         _clustered("clustered", 1, 2, 256, 32, 16, "fp32"),
         _clustered("improved-clustered", 1, 2, 256, 32, 16, "fp32", topk=16),
     ]

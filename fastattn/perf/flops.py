@@ -11,20 +11,23 @@ Conventions (FlashAttention's, so TFLOP/s compare across projects):
 Pairs are counted in closed form (O(B) work, never an L x L mask), so the model also serves
 L = 131072. Bytes are the minimum an op must move through device memory: each input read
 once, each output written once (forward: q, k, v in and out; backward: q, k, v, out, dout in,
-dq, dk, dv out). Clustering (hashing and k-means) is timed with the clustered ops but not
-counted: only the attention matmuls are.
+dq, dk, dv out). Under GQA / MQA k, v, dk and dv have H_kv heads, so fewer bytes move for the
+same FLOPs (each query head still sees the same keys). Clustering (hashing and k-means) is
+timed with the clustered ops but not counted: only the attention matmuls are.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from fastattn.perf.cases import Case
 
 BWD_FACTOR = 2.5
 DIRECTION_FACTOR = {"fwd": 1.0, "bwd": BWD_FACTOR, "fwd+bwd": 1.0 + BWD_FACTOR}
-# Tensors of (B, H, L, D) each direction reads plus writes (see the module docstring).
-DIRECTION_TENSORS = {"fwd": 4, "bwd": 8, "fwd+bwd": 12}
+# Tensors each direction reads plus writes (see the module docstring): (of q's shape: q, out,
+# dout, dq; of k's shape: k, v, dk, dv).
+DIRECTION_TENSORS = {"fwd": (2, 2), "bwd": (4, 4), "fwd+bwd": (6, 6)}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -82,5 +85,6 @@ def case_flops(case: Case, direction: str) -> float:
 
 
 def case_bytes(case: Case, direction: str) -> int:
-    b, h, length, d = case.shape
-    return DIRECTION_TENSORS[direction] * b * h * length * d * ELEMENT_BYTES[case.dtype]
+    q_like, kv_like = DIRECTION_TENSORS[direction]
+    elements = q_like * math.prod(case.shape) + kv_like * math.prod(case.kv_shape)
+    return elements * ELEMENT_BYTES[case.dtype]

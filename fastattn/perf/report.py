@@ -91,9 +91,11 @@ def noise(first: dict, second: dict, min_s: float = 50e-6) -> str:
     """Run-to-run change of each benchmark's median between two runs of the same cases.
 
     The summary counts only medians of at least ``min_s``: below it a few microseconds of
-    launch or clock jitter are a large fraction.
+    launch or clock jitter are a large fraction. Benchmarks in one run only (a case added or
+    dropped between them) are counted in the summary and not compared.
     """
     before = {b["fullname"]: b for b in first.get("benchmarks", [])}
+    after = {b["fullname"] for b in second.get("benchmarks", [])}
     lines = ["| benchmark | first | second | change |", "|---|---|---|---|"]
     changes = []
     for bench in second.get("benchmarks", []):
@@ -112,6 +114,10 @@ def noise(first: dict, second: dict, min_s: float = 50e-6) -> str:
                    f"{sum(c > 3 for c in changes)} above 3%")
     else:
         summary = "no benchmark in both runs"
+    only_second, only_first = len(after - set(before)), len(set(before) - after)
+    if only_second or only_first:
+        summary += (f"; not compared: {only_second} only in the second run (new), "
+                    f"{only_first} only in the first")
     return "\n".join([summary, ""] + lines + [""])
 
 
