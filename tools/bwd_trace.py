@@ -31,11 +31,16 @@ def call_ms(fn, repeat: int = 10) -> float:
     return start.elapsed_time(end) / repeat
 
 
-def main() -> int:
+def trace_cases():
+    """Loads the extension, names the device, and returns the default set's bf16 local cases
+    (what both trace probes run)."""
     _ops.load()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    cases = [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
-    for case in cases:
+    return [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
+
+
+def main() -> int:
+    for case in trace_cases():
         b, h, n, d = case.shape
         bwd = backward_call(case)
         plain = call_ms(bwd)

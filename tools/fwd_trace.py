@@ -11,36 +11,17 @@ the forward without the trace (a traced launch prints, so it runs once and is no
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 import torch
-from bwd_trace import call_ms  # tools/, beside this script
+from bwd_trace import call_ms, trace_cases  # tools/, beside this script
+from local_probe import switched
 
-from fastattn import _ops
-from fastattn.perf.cases import case_set
-
-Q_MODES = {"v3g": {}, "v3h": {"FASTATTN_WS_FWD_Q_WARP": "1"}}
-
-
-def with_env(env: dict[str, str], fn):
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        return fn()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+Q_MODES = {"v3g": "", "v3h": "FASTATTN_WS_FWD_Q_WARP"}  # switches, as local_probe takes them
 
 
 def main() -> int:
-    _ops.load()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    cases = [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
-    for case in cases:
+    for case in trace_cases():
         b, h, n, d = case.shape
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -49,17 +30,16 @@ def main() -> int:
         def fwd():
             torch.ops.fastattn.local_attention_fwd(q, k, v, *case.window, None, d**-0.5)
 
-        for mode, env in Q_MODES.items():
-            plain = with_env(env, lambda: call_ms(fwd))
+        for mode, switches in Q_MODES.items():
+            with switched(switches):
+                plain = call_ms(fwd)
             print(f"case {b},{h},{n},{d},w{case.window[0]}x{case.window[1]} {mode}: "
                   f"forward {plain:.4f} ms", flush=True)
 
-            def traced_run():
+            with switched("+".join(filter(None, (switches, "FASTATTN_WS_FWD_TRACE")))):
                 fwd()
                 torch.cuda.synchronize()  # the kernel's lines reach C's stdout here
                 ctypes.CDLL(None).fflush(None)  # ... and the log file here, in order
-
-            with_env({**env, "FASTATTN_WS_FWD_TRACE": "1"}, traced_run)
             sys.stdout.flush()
     return 0
 
