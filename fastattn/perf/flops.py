@@ -9,11 +9,17 @@ Conventions (FlashAttention's, so TFLOP/s compare across projects):
 - fwd+bwd: 3.5 x the forward.
 
 Pairs are counted in closed form (O(B) work, never an L x L mask), so the model also serves
-L = 131072. Bytes are the minimum an op must move through device memory: each input read
-once, each output written once (forward: q, k, v in and out; backward: q, k, v, out, dout in,
-dq, dk, dv out). Under GQA / MQA k, v, dk and dv have H_kv heads, so fewer bytes move for the
-same FLOPs (each query head still sees the same keys). Clustering (hashing and k-means) is
-timed with the clustered ops but not counted: only the attention matmuls are.
+L = 131072. A KV cache (Lq != Lk) counts its Lq query rows at their bottom-right positions; a
+packed batch counts each sequence on its own (nothing is visible across sequences).
+
+Bytes are the minimum an op must move through device memory: each input read once, each
+output written once (forward: q, k, v in and out; backward: q, k, v, out, dout in, dq, dk, dv
+out). Of k and v only the rows some query sees need reading: every row in self-attention, but
+in decode only the window's last keys of the cache (at Lq = 1, Lk = 32768, window (4096, 0):
+4097 of 32768 rows); dk and dv are written whole. Under GQA / MQA k, v, dk and dv have H_kv
+heads, so fewer bytes move for the same FLOPs (each query head still sees the same keys).
+Clustering (hashing and k-means) is timed with the clustered ops but not counted: only the
+attention matmuls are.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from fastattn.perf.cases import Case
 BWD_FACTOR = 2.5
 DIRECTION_FACTOR = {"fwd": 1.0, "bwd": BWD_FACTOR, "fwd+bwd": 1.0 + BWD_FACTOR}
 # Tensors each direction reads plus writes (see the module docstring): (of q's shape: q, out,
-# dout, dq; of k's shape: k, v, dk, dv).
-DIRECTION_TENSORS = {"fwd": (2, 2), "bwd": (4, 4), "fwd+bwd": (6, 6)}
+# dout, dq; k and v read, of their rows that some query sees; dk and dv written, whole).
+DIRECTION_TENSORS = {"fwd": (2, 2, 0), "bwd": (4, 2, 2), "fwd+bwd": (6, 4, 2)}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -51,12 +57,35 @@ def _pairs_at_or_below(offset: int, queries: int, keys: int) -> int:
     return _clamped_sum(offset + 1, offset + queries, keys)
 
 
-def local_pairs(seq_len: int, window: tuple[int, int], key_length: int | None = None) -> int:
-    """Visible (query, key) pairs of one (batch, head): ``i - left <= j <= i + right``, ``j < key_length``."""
-    left, right = window
+def _keys_and_offset(seq_len, key_length, query_len) -> tuple[int, int, int]:
+    """(queries, keys, offset) of one batch row, by fastattn.local_attention's alignment rule:
+    query i sits at key position i + offset; offset is 0 when Lq == Lk (self-attention, where
+    key_lengths only masks padding) and keys - Lq otherwise (bottom-right)."""
+    queries = seq_len if query_len is None else int(query_len)
     keys = seq_len if key_length is None else max(0, min(int(key_length), seq_len))
-    return (_pairs_at_or_below(right, seq_len, keys)
-            - _pairs_at_or_below(-left - 1, seq_len, keys))
+    return queries, keys, 0 if queries == seq_len else keys - queries
+
+
+def local_pairs(seq_len: int, window: tuple[int, int], key_length: int | None = None,
+                query_len: int | None = None) -> int:
+    """Visible (query, key) pairs of one (batch, head): ``p - left <= j <= p + right`` and
+    ``j < key_length``, where query i sits at ``p = i + offset`` (:func:`_keys_and_offset`).
+    ``seq_len`` is the keys' length Lk; ``query_len`` (Lq) defaults to it."""
+    left, right = window
+    queries, keys, offset = _keys_and_offset(seq_len, key_length, query_len)
+    return (_pairs_at_or_below(offset + right, queries, keys)
+            - _pairs_at_or_below(offset - left - 1, queries, keys))
+
+
+def local_keys_seen(seq_len: int, window: tuple[int, int], key_length: int | None = None,
+                    query_len: int | None = None) -> int:
+    """Keys of one (batch, head) that at least one query sees: the queries sit at consecutive
+    positions and each sees a run of left + right + 1, so together they see one run of keys."""
+    left, right = window
+    queries, keys, offset = _keys_and_offset(seq_len, key_length, query_len)
+    if not queries:
+        return 0
+    return max(0, min(keys, offset + queries + right) - max(0, offset - left))
 
 
 def local_flops(batch, heads, seq_len, head_dim, window, *, key_lengths: Sequence[int] | None = None,
@@ -75,16 +104,31 @@ def clustered_flops(batch, heads, seq_len, head_dim, clusters, *, topk: int | No
     return 4.0 * head_dim * heads * batch * pairs * DIRECTION_FACTOR[direction]
 
 
+def _local_rows(case: Case) -> list[tuple[int, int | None]]:
+    """(keys, queries) of each attention problem of a local case: each batch row, or each
+    sequence of a packed batch (its queries and keys alike)."""
+    if case.seq_lens is not None:
+        return [(length, None) for length in case.seq_lens]
+    return [(case.seq_len, case.query_len)] * case.batch
+
+
 def case_flops(case: Case, direction: str) -> float:
     if case.op == "local":
-        return local_flops(case.batch, case.heads, case.seq_len, case.head_dim, case.window,
-                           direction=direction)
+        pairs = sum(local_pairs(keys, case.window, query_len=queries)
+                    for keys, queries in _local_rows(case))
+        return 4.0 * case.head_dim * case.heads * pairs * DIRECTION_FACTOR[direction]
     topk = case.topk if case.op == "improved-clustered" else None
     return clustered_flops(case.batch, case.heads, case.seq_len, case.head_dim, case.clusters,
                            topk=topk, direction=direction)
 
 
 def case_bytes(case: Case, direction: str) -> int:
-    q_like, kv_like = DIRECTION_TENSORS[direction]
-    elements = q_like * math.prod(case.shape) + kv_like * math.prod(case.kv_shape)
+    q_like, kv_read, kv_written = DIRECTION_TENSORS[direction]
+    kv_row = math.prod(case.kv_shape) // (case.batch * case.seq_len)  # H_kv x D
+    rows_seen = case.seq_len * case.batch
+    if case.op == "local":
+        rows_seen = sum(local_keys_seen(keys, case.window, query_len=queries)
+                        for keys, queries in _local_rows(case))
+    elements = (q_like * math.prod(case.shape) + kv_read * rows_seen * kv_row
+                + kv_written * math.prod(case.kv_shape))
     return elements * ELEMENT_BYTES[case.dtype]
