@@ -15,7 +15,8 @@ from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
 # every head at L = 65536 would cost more than the benchmark. Under GQA it takes the first
 # CHECKED_GROUP query heads of kv head 0's group, so that dk and dv are checked as the sum over
 # query heads they are; the group's other heads get a zero upstream gradient (they add nothing
-# to dk, dv of kv head 0), which keeps an MQA check at H = 32 as cheap as two heads.
+# to dk, dv of kv head 0), which keeps an MQA check at H = 32 as cheap as two heads. A packed
+# batch is one (1, H, T, D) batch row: its check covers every sequence of those heads.
 CHECKED_GROUP = 2
 
 
@@ -27,10 +28,9 @@ def _checked(case) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
 def check(impl, fn, case, direction, device) -> None:
     """Fresh random inputs, output and (for bwd directions) gradients against float64."""
     q_part, kv_part = _checked(case)
-    if impl.max_check_len and case.seq_len > impl.max_check_len:
-        case = case.with_(batch=1, heads=q_part[1].stop, seq_len=impl.max_check_len,
-                          kv_heads=None if case.kv_heads is None else 1)
-        fn = impl.prepare(case, device)
+    checked_case = impl.check_case(case, heads=q_part[1].stop)
+    if checked_case != case:
+        case, fn = checked_case, impl.prepare(checked_case, device)
     parts = (q_part, kv_part, kv_part)
     generator = torch.Generator(device).manual_seed(20261126)
     grad = direction != "fwd"

@@ -2,6 +2,7 @@
 FlexAttention's unfused fallback; the peers say why they cannot run a case."""
 
 import functools
+import itertools
 import sys
 import types
 
@@ -10,7 +11,7 @@ import torch
 
 from bench import harness, peers
 from fastattn.perf.cases import Case, case_set
-from fastattn.reference import local_attention_reference
+from fastattn.reference import local_attention_reference, local_attention_varlen_reference
 
 CASE = Case("local", 1, 2, 64, 16, "fp32", window=(5, 3), directions=("fwd", "fwd+bwd"))
 
@@ -106,27 +107,44 @@ def test_flash_attention_4_window_is_none_where_a_side_reaches_every_key():
     assert peers.fa4_window((64, 64), 64) == (None, None)  # full attention
 
 
+def _fa4_window(window_size, length):
+    assert all(side is None or side >= 0 for side in window_size)
+    return tuple(length if side is None else side for side in window_size)
+
+
+def _fa4_record(calls, q, k, v, window_size, **more):
+    assert all(t.stride(-1) == 1 for t in (q, k, v))
+    calls.append({"ptrs": [t.data_ptr() for t in (q, k, v)], "shape": tuple(q.shape),
+                  "kv_shape": tuple(k.shape), "grad": q.requires_grad,
+                  "window_size": window_size, **more})
+
+
 @pytest.fixture
 def fake_fa4(monkeypatch):
     """flash_attn.cute with FA4's contract, computed by the reference: q, k, v and out
-    (B, L, H, D), window_size sides inclusive or None (unbounded), returns (out, lse). It records
-    what each call received."""
+    (B, L, H, D), window_size sides inclusive or None (unbounded), bottom-right where
+    seqlen_q != seqlen_k, returns (out, lse); its varlen function on (T, H, D) with cu_seqlens.
+    It records what each call received."""
     calls = []
 
     def flash_attn_func(q, k, v, window_size=(None, None)):
-        calls.append({"ptrs": [t.data_ptr() for t in (q, k, v)], "shape": tuple(q.shape),
-                      "kv_shape": tuple(k.shape), "grad": q.requires_grad,
-                      "window_size": window_size})
-        assert all(t.stride(-1) == 1 for t in (q, k, v))
-        assert all(side is None or side >= 0 for side in window_size)
-        length = q.shape[1]
-        window = tuple(length if side is None else side for side in window_size)
+        _fa4_record(calls, q, k, v, window_size)
+        window = _fa4_window(window_size, max(q.shape[1], k.shape[1]))
         out, lse = local_attention_reference(q.transpose(1, 2), k.transpose(1, 2),
                                              v.transpose(1, 2), window, return_lse=True)
         return out.transpose(1, 2).contiguous(), lse
 
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, window_size=(None, None)):
+        _fa4_record(calls, q, k, v, window_size, cu_seqlens=(cu_seqlens_q, cu_seqlens_k),
+                    max_seqlen=(max_seqlen_q, max_seqlen_k))
+        window = _fa4_window(window_size, max_seqlen_k)
+        return local_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window,
+                                                return_lse=True)
+
     package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
     cute.flash_attn_func, package.cute = flash_attn_func, cute
+    cute.flash_attn_varlen_func = flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
     return calls
@@ -156,34 +174,47 @@ def test_flash_attention_4_gets_transposed_views_and_its_window(fake_fa4, window
     assert out.shape == case.shape
 
 
-GQA = next(c for c in case_set("smoke") if c.kv_heads)  # (1, 4 | 2, 256, 32), fp32, (32, 32)
+SMOKE = case_set("smoke")
+GQA = next(c for c in SMOKE if c.kv_heads and not c.query_len)  # (1, 4 | 2, 256, 32), fp32
+DECODE = next(c for c in SMOKE if c.query_len)  # (2, 4 | 2, Lq 1, Lk 256, 32), fp32, (64, 0)
+VARLEN = next(c for c in SMOKE if c.seq_lens)  # 3 sequences, H 2, D 32, fp32, (32, 0)
 CPU_PEERS = ("fastattn", "flex", "sdpa", "reference")
 
 
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(("case", "direction"), [
+    (case, direction) for case in (GQA, DECODE, VARLEN) for direction in case.directions],
+    ids=lambda x: x if isinstance(x, str) else x.id)
 @pytest.mark.parametrize("name", CPU_PEERS)
-def test_the_smoke_gqa_case_runs_through_each_cpu_peer(name, direction):
+def test_the_smoke_gqa_kv_cache_and_packed_cases_run_through_each_cpu_peer(name, case,
+                                                                          direction):
     impl = peers.IMPLS[name]
-    assert impl.applies(GQA, "cpu")
-    reason = impl.missing(GQA, direction, "cpu")
+    assert impl.applies(case, "cpu")
+    reason = impl.missing(case, direction, "cpu")
     if reason:  # FlexAttention's backward on a CPU: the one reason expected here
         assert (name, direction) == ("flex", "fwd+bwd"), reason
         assert reason == "FlexAttention has no backward on CPU"
         pytest.skip(reason)
-    fn = impl.prepare(GQA, "cpu")
-    harness.check(impl, fn, GQA, direction, "cpu")  # out and dq, dk, dv against float64
-    result = harness.make_call(fn, GQA, direction, "cpu")()
+    fn = impl.prepare(case, "cpu")
+    harness.check(impl, fn, case, direction, "cpu")  # out and dq, dk, dv against float64
+    result = harness.make_call(fn, case, direction, "cpu")()
     if direction == "fwd":
-        assert result.shape == GQA.shape
+        assert result.shape == case.shape
     else:
-        assert [g.shape for g in result] == [GQA.shape, GQA.kv_shape, GQA.kv_shape]
+        assert [g.shape for g in result] == [case.shape, case.kv_shape, case.kv_shape]
 
 
-def test_fast_transformers_skips_gqa_with_the_reason():
+def test_fast_transformers_skips_gqa_kv_caches_and_packed_batches_with_the_reason():
     ft = peers.IMPLS["fast-transformers"]
-    assert ft.applies(GQA, "cpu"), "generated, so that its skip is reported, not silent"
+    assert all(ft.applies(c, "cpu") for c in (GQA, DECODE, VARLEN)), (
+        "generated, so that its skip is reported, not silent")
     assert ft.missing(GQA, "fwd", "cpu") == (
         "fast-transformers 0.4.0 has no GQA / MQA (k and v need q's H=4 heads, not H_kv=2)")
+    assert ft.missing(DECODE, "fwd", "cpu") == (
+        "fast-transformers 0.4.0 has no KV cache (its LocalAttention needs as many queries as "
+        "keys, not Lq=1, Lk=256)")
+    assert ft.missing(VARLEN, "fwd+bwd", "cpu") == (
+        "fast-transformers 0.4.0 has no packed variable-length batches (cu_seqlens)")
+    assert not ft.applies(DECODE.with_(dtype="bf16"), "cpu"), "bf16 stays outside its scope"
 
 
 def test_flex_and_sdpa_get_enable_gqa_only_for_gqa_cases():
@@ -241,3 +272,148 @@ def test_flash_attention_4_gets_k_and_v_with_their_kv_heads(fake_fa4):
     harness.check(fa4, fn, case, "fwd+bwd", "cpu")
     fn(*case.inputs("cpu"))
     assert fake_fa4[-1]["shape"] == (1, 256, 4, 32) and fake_fa4[-1]["kv_shape"] == (1, 256, 2, 32)
+
+
+class _Misaligned(peers.Impl):
+    """The reference, wrong in one way a KV cache or packed peer could be: ``mode`` "top-left"
+    puts decode's queries at the first key positions (FlexAttention's and SDPA's own indices,
+    without the offset); "across" attends over the packed rows as one sequence."""
+
+    name = "misaligned"
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def prepare(self, case, device):
+        if self.mode == "top-left":
+            def top_left(q, k, v):
+                return local_attention_reference(q, k[:, :, :q.shape[2]], v[:, :, :q.shape[2]],
+                                                 case.window)
+
+            return top_left
+        return functools.partial(local_attention_reference, window=case.window)
+
+
+def test_the_check_catches_top_left_decode_and_attention_across_sequences():
+    for impl, case in ((_Misaligned("top-left"), DECODE), (_Misaligned("across"), VARLEN)):
+        with pytest.raises(AssertionError, match=": out"):
+            harness.check(impl, impl.prepare(case, "cpu"), case, "fwd", "cpu")
+
+
+def test_the_check_never_cuts_a_kv_cache_or_packed_case():
+    sdpa = peers.Sdpa()
+    sdpa.max_check_len = 16  # far below both cases' L
+    assert sdpa.check_case(DECODE, heads=2) is DECODE
+    assert sdpa.check_case(VARLEN, heads=2) is VARLEN
+    assert sdpa.check_case(GQA, heads=2) == GQA.with_(heads=2, kv_heads=1, seq_len=16)
+
+
+@pytest.mark.parametrize(("case", "direction"), [(DECODE, "fwd"), (VARLEN, "fwd+bwd")],
+                         ids=["decode", "varlen"])
+def test_fastattn_is_skipped_with_its_kernels_reason_where_they_do_not_take_a_case(
+        monkeypatch, case, direction):
+    # As fastattn's CUDA build answers today: NotImplementedError naming the feature.
+    message = "fastattn: local_attention_varlen on CUDA has not been verified on a GPU yet"
+
+    def not_yet(*args, **kwargs):
+        raise NotImplementedError(message + "\nsecond line")
+
+    fastattn_impl = peers.IMPLS["fastattn"]
+    assert fastattn_impl.missing(case, direction, "cpu") is None, "the CPU kernels take it"
+    monkeypatch.setattr(peers.fastattn, "local_attention", not_yet)
+    monkeypatch.setattr(peers.fastattn, "local_attention_varlen", not_yet)
+    assert fastattn_impl.missing(case, direction, "cpu") == f"fastattn: {message}"
+    # The plain cases do not probe: their kernels exist wherever the op does.
+    assert fastattn_impl.missing(GQA, direction, "cpu") is None
+
+
+def test_fastattn_gets_a_packed_batch_as_its_storage_with_cu_seqlens(monkeypatch):
+    seen = {}
+    real = peers.fastattn.local_attention_varlen
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, window):
+        seen.update(ptrs=[t.data_ptr() for t in (q, k, v)], contiguous=q.is_contiguous(),
+                    cu=(cu_q.tolist(), cu_k.tolist()), max=(max_q, max_k), window=window)
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, window)
+
+    monkeypatch.setattr(peers.fastattn, "local_attention_varlen", spy)
+    q, k, v = VARLEN.inputs("cpu")
+    out = peers.IMPLS["fastattn"].prepare(VARLEN, "cpu")(q, k, v)
+    assert out.shape == VARLEN.shape and seen["contiguous"]
+    assert seen["ptrs"] == [t.data_ptr() for t in (q, k, v)], "views, not copies"
+    assert seen["cu"] == (VARLEN.cu_seqlens, VARLEN.cu_seqlens)
+    assert seen["max"] == (max(VARLEN.seq_lens),) * 2 and seen["window"] == VARLEN.window
+
+
+def _visible(case):
+    """(Lq, Lk) visibility of a (batch row of a) case, from fastattn's rule, by brute force."""
+    left, right = case.window
+    starts = case.cu_seqlens or [0, case.seq_len]
+    rows = torch.zeros(case.q_len, case.seq_len, dtype=torch.bool)
+    for lo, hi in itertools.pairwise(starts):
+        keys, queries = hi - lo, case.q_len if case.seq_lens is None else hi - lo
+        q_lo = 0 if case.seq_lens is None else lo
+        for i in range(queries):
+            position = i + (keys - queries)
+            for j in range(max(0, position - left), min(keys, position + right + 1)):
+                rows[q_lo + i, lo + j] = True
+    return rows
+
+
+@pytest.mark.parametrize("case", [DECODE, DECODE.with_(query_len=5), VARLEN, GQA],
+                         ids=["decode", "chunk", "varlen", "plain"])
+def test_flex_and_sdpa_masks_are_fastattns_visibility(case):
+    q_idx = torch.arange(case.q_len).view(-1, 1)
+    kv_idx = torch.arange(case.seq_len).view(1, -1)
+    expected = _visible(case)
+    assert torch.equal(peers.flex_mask_mod(case, "cpu")(0, 0, q_idx, kv_idx), expected)
+    if case.query_len is not None:
+        assert torch.equal(peers.sdpa_window_mask(case, "cpu"), expected)
+
+
+def test_sdpa_takes_decodes_exact_mask_and_runs_packed_sequences_one_by_one(monkeypatch):
+    sdpa = peers.IMPLS["sdpa"]
+    call = sdpa.prepare(DECODE, "cpu")
+    assert set(call.keywords) == {"attn_mask", "enable_gqa"}
+    assert call.keywords["attn_mask"].shape == (1, 256)
+    lengths = []
+    real = peers.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        lengths.append((q.shape[2], kwargs["is_causal"]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(peers.F, "scaled_dot_product_attention", spy)
+    out = sdpa.prepare(VARLEN, "cpu")(*VARLEN.inputs("cpu"))
+    assert out.shape == VARLEN.shape
+    assert lengths == [(n, True) for n in VARLEN.seq_lens]
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+def test_flash_attention_4_gets_a_packed_batch_as_its_storage_with_cu_seqlens(fake_fa4,
+                                                                            direction):
+    fa4, case = peers.IMPLS["flash-attn-4"], VARLEN.with_(dtype="bf16")
+    fn = fa4.prepare(case, "cpu")
+    harness.check(fa4, fn, case, direction, "cpu")
+    q, k, v = case.inputs("cpu")
+    fn(q, k, v)
+    call = fake_fa4[-1]
+    assert call["shape"] == (case.seq_len, 2, 32), "FA4's varlen takes (T, H, D)"
+    assert call["ptrs"] == [t.data_ptr() for t in (q, k, v)], "the storage, not a copy"
+    assert [c.tolist() for c in call["cu_seqlens"]] == [case.cu_seqlens] * 2
+    assert call["max_seqlen"] == (max(case.seq_lens),) * 2 and call["window_size"] == (32, 0)
+
+
+def test_flash_attention_4_decodes_bottom_right_and_compiles_only_the_forward(fake_fa4):
+    fa4, case = peers.IMPLS["flash-attn-4"], DECODE.with_(dtype="bf16")
+    fn = fa4.prepare(case, "cpu")
+    assert [c["grad"] for c in fake_fa4] == [False], "forward only: no backward to compile"
+    harness.check(fa4, fn, case, "fwd", "cpu")
+    assert fake_fa4[-1]["shape"] == (2, 1, 4, 32) and fake_fa4[-1]["kv_shape"] == (2, 256, 2, 32)
+    assert fake_fa4[-1]["window_size"] == (64, 0)
+
+
+def test_flash_attention_4_without_a_varlen_function_skips_packed_cases(fake_fa4, monkeypatch):
+    monkeypatch.delattr(sys.modules["flash_attn.cute"], "flash_attn_varlen_func")
+    reason = peers.IMPLS["flash-attn-4"].missing(VARLEN.with_(dtype="bf16"), "fwd", "cuda")
+    assert reason == "this flash-attn-4 has no flash_attn.cute.flash_attn_varlen_func"

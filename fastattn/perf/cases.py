@@ -67,7 +67,8 @@ class Case:
     def _check_kv_cache_and_varlen(self):
         if (self.query_len is not None or self.seq_lens is not None) and self.op != "local":
             raise ValueError(f"query_len and seq_lens are for local attention only, got "
-                             f"op={self.op!r}, query_len={self.query_len}, seq_lens={self.seq_lens}")
+                             f"op={self.op!r}, query_len={self.query_len}, "
+                             f"seq_lens={self.seq_lens}")
         if self.query_len is not None and not 0 < self.query_len != self.seq_len:
             # query_len == seq_len is the plain case: one case, one id.
             raise ValueError(f"query_len must be positive and differ from seq_len (else leave it "
