@@ -68,8 +68,22 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
                                                at::Tensor lse, const LocalAttentionParams& p) {
   if (no_work(q, k, out, lse)) return {out, lse};
   const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
-  C10_CUDA_CHECK(cuda::local_attention_fwd(p, kernel_dtype(q), aligned,
-                                           c10::cuda::getCurrentCUDAStream()));
+  const cuda::DType dtype = kernel_dtype(q);
+  const int64_t splits = cuda::decode_splits(p, dtype);
+  if (splits > 0) {
+    // Each split's normalised output and lse, merged by the decode's second pass.
+    at::Tensor part_out, part_lse;
+    if (splits > 1) {
+      part_out = at::empty({splits, q.numel()}, q.options().dtype(at::kFloat));
+      part_lse = at::empty({splits, lse.numel()}, q.options().dtype(at::kFloat));
+    }
+    C10_CUDA_CHECK(cuda::local_attention_decode(
+        p, dtype, aligned, splits, splits > 1 ? part_out.data_ptr<float>() : nullptr,
+        splits > 1 ? part_lse.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  } else {
+    C10_CUDA_CHECK(cuda::local_attention_fwd(p, dtype, aligned,
+                                             c10::cuda::getCurrentCUDAStream()));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
