@@ -91,8 +91,7 @@ class Impl:
         """The case the correctness check runs: ``case``, or (with ``max_check_len``) a plain case
         cut to that L, keeping ``heads`` query heads and one kv head's group. KV cache and packed
         cases are never cut: their references cost Lq x window and one sequence at a time."""
-        if (not self.max_check_len or case.seq_len <= self.max_check_len
-                or case.query_len is not None or case.seq_lens is not None):
+        if not self.max_check_len or case.seq_len <= self.max_check_len or not case.plain:
             return case
         return case.with_(batch=1, heads=heads, seq_len=self.max_check_len,
                           kv_heads=None if case.kv_heads is None else 1)
@@ -124,7 +123,7 @@ class FastAttn(Impl):
         """Whether fastattn's kernels for ``device`` take a KV cache / packed case yet (the CUDA
         ones raise NotImplementedError until they are verified on a GPU): a tiny case of the same
         kind, dtype and head dim runs ``direction`` once, so the answer is the build's own."""
-        if case.query_len is None and case.seq_lens is None:
+        if case.plain:
             return None
         tiny = (case.with_(seq_lens=(3, 5), seq_len=8) if case.seq_lens is not None
                 else case.with_(batch=1, seq_len=case.query_len + 8))

@@ -75,14 +75,15 @@ def test_improvements_new_and_missing_cases_are_reported_not_failed(tmp_path, rn
 
 
 def test_cases_added_to_the_table_are_new_against_an_older_baseline(tmp_path, rng, capsys):
-    # The GQA cases joined `default` after bench/baselines/ was saved: a run holding them passes
-    # the gate, and they are listed as new beside the judged cases.
-    gqa = [c for c in case_set("default") if c.kv_heads is not None]
+    # The GQA, decode and packed cases (issue 14) joined `default` after bench/baselines/ was
+    # saved: a run holding them passes the gate, and they are listed as new beside the judged
+    # cases.
+    added = [c for c in case_set("default") if c.kv_heads is not None or not c.plain]
     old_names = [f"bench/test_local.py::test_local[{impl}-{c.bench_id(d)}]"
                  for c in case_set("default")[:2] for d in c.directions
                  for impl in ("fastattn", "flex")]
     new_names = [f"bench/test_local.py::test_local[fastattn-{c.bench_id(d)}]"
-                 for c in gqa for d in c.directions]
+                 for c in added for d in c.directions]
     base_cases = {name: 1e-4 * rng.lognormal(0.0, 0.02, 30) for name in old_names}
     run_cases = {name: t * rng.lognormal(0.0, 0.02, 30) for name, t in base_cases.items()}
     run_cases.update({name: 1e-3 * rng.lognormal(0.0, 0.02, 30) for name in new_names})
@@ -91,9 +92,9 @@ def test_cases_added_to_the_table_are_new_against_an_older_baseline(tmp_path, rn
     out = capsys.readouterr().out
     assert code == 0
     new_rows = [line for line in out.splitlines() if "| new |" in line]
-    assert len(new_rows) == len(new_names) == 4
-    assert all("KV" in row for row in new_rows)
-    assert f"perf gate: pass: 4 new, {len(old_names)} unchanged" in out
+    assert len(new_rows) == len(new_names) == 7  # GQA and MQA 2 each, decode 1, packed 2
+    assert all(any(c.id.split("-", 2)[2] in row for c in added) for row in new_rows)
+    assert f"perf gate: pass: 7 new, {len(old_names)} unchanged" in out
 
 
 @pytest.mark.parametrize(

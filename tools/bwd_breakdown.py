@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args(argv)
-    cases = [c for c in case_set("default") if c.op == "local" and c.dtype == args.dtype]
+    cases = [c for c in case_set("default")
+             if c.op == "local" and c.plain and c.dtype == args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (us per call)")
     for case in cases:
         b, h, n, d = case.shape

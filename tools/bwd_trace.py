@@ -32,11 +32,12 @@ def call_ms(fn, repeat: int = 10) -> float:
 
 
 def trace_cases():
-    """Loads the extension, names the device, and returns the default set's bf16 local cases
-    (what both trace probes run)."""
+    """Loads the extension, names the device, and returns the default set's plain bf16 local
+    cases (what both trace probes run; no KV cache or packed batch: they time the backward of
+    fastattn.local_attention over (B, H, L, D))."""
     _ops.load()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    return [c for c in case_set("default") if c.op == "local" and c.dtype == "bf16"]
+    return [c for c in case_set("default") if c.op == "local" and c.plain and c.dtype == "bf16"]
 
 
 def main() -> int:

@@ -88,6 +88,12 @@ class Case:
         return DTYPES[self.dtype]
 
     @property
+    def plain(self) -> bool:
+        """Neither a KV cache nor a packed batch: q, k, v of one length, (B, H, L, D) each, what
+        the kernel probes in tools/ time (with or without GQA)."""
+        return self.query_len is None and self.seq_lens is None
+
+    @property
     def q_len(self) -> int:
         """Rows of q: query_len for a KV cache case, else seq_len."""
         return self.seq_len if self.query_len is None else self.query_len
