@@ -133,7 +133,8 @@ class FastAttn(Impl):
             if direction != "fwd":
                 out.sum().backward()
         except NotImplementedError as exc:
-            return f"fastattn: {str(exc).splitlines()[0]}"
+            line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            return line if line.startswith("fastattn") else f"fastattn: {line}"
         return None
 
     def prepare(self, case, device):

@@ -310,19 +310,22 @@ def test_the_check_never_cuts_a_kv_cache_or_packed_case():
 
 @pytest.mark.parametrize(("case", "direction"), [(DECODE, "fwd"), (VARLEN, "fwd+bwd")],
                          ids=["decode", "varlen"])
-def test_fastattn_is_skipped_with_its_kernels_reason_where_they_do_not_take_a_case(
-        monkeypatch, case, direction):
+@pytest.mark.parametrize(("message", "reason"), [
     # As fastattn's CUDA build answers today: NotImplementedError naming the feature.
-    message = "fastattn: local_attention_varlen on CUDA has not been verified on a GPU yet"
-
+    ("fastattn: local_attention_varlen on CUDA has not been verified on a GPU yet",
+     "fastattn: local_attention_varlen on CUDA has not been verified on a GPU yet"),
+    ("not yet", "fastattn: not yet"),
+])
+def test_fastattn_is_skipped_with_its_kernels_reason_where_they_do_not_take_a_case(
+        monkeypatch, case, direction, message, reason):
     def not_yet(*args, **kwargs):
-        raise NotImplementedError(message + "\nsecond line")
+        raise NotImplementedError(message + "\nException raised from ... (C++ frames)")
 
     fastattn_impl = peers.IMPLS["fastattn"]
     assert fastattn_impl.missing(case, direction, "cpu") is None, "the CPU kernels take it"
     monkeypatch.setattr(peers.fastattn, "local_attention", not_yet)
     monkeypatch.setattr(peers.fastattn, "local_attention_varlen", not_yet)
-    assert fastattn_impl.missing(case, direction, "cpu") == f"fastattn: {message}"
+    assert fastattn_impl.missing(case, direction, "cpu") == reason
     # The plain cases do not probe: their kernels exist wherever the op does.
     assert fastattn_impl.missing(GQA, direction, "cpu") is None
 
