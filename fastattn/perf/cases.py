@@ -12,6 +12,7 @@ A :class:`Case` is an op at one shape and dtype; a benchmark is a case in one di
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, replace
 
@@ -113,10 +114,7 @@ class Case:
         """A packed batch's sequence boundaries, [0, l0, l0 + l1, ..., T] (q and k alike)."""
         if self.seq_lens is None:
             return None
-        bounds = [0]
-        for length in self.seq_lens:
-            bounds.append(bounds[-1] + length)
-        return bounds
+        return list(itertools.accumulate(self.seq_lens, initial=0))
 
     @property
     def group(self) -> int:
