@@ -20,21 +20,31 @@ struct TensorStrides {
 
 struct LocalAttentionParams {
   const void* q;  // (B, H, L, D)
-  const void* k;  // (B, kv_heads, L, D), as v
+  const void* k;  // (B, kv_heads, key_seq_len, D), as v
   const void* v;
   void* out;    // (B, H, L, D), strides out_strides
   float* lse;   // (B, H, L) contiguous
   TensorStrides q_strides, k_strides, v_strides, out_strides;
-  int64_t batch, heads, seq_len, head_dim;
+  // seq_len: query rows, key_seq_len: key rows, per (batch, head). They differ for a KV cache
+  // (bottom-right alignment, see the CPU kernel's sequence()); the CUDA kernels take equal
+  // lengths only, for now.
+  int64_t batch, heads, seq_len, head_dim, key_seq_len;
   // GQA / MQA: k and v have kv_heads heads, heads % kv_heads == 0; see kv_head().
   int64_t kv_heads;
-  // Not read by any kernel yet; here so that packed variable-length batches (cumulative
-  // sequence offsets, (B + 1,) int32) plug into the same struct. Today: no offsets.
+  // Packed variable-length batches (local_attention_varlen): (batch + 1,) int32 cumulative
+  // sequence offsets into the rows of one tensor batch; then `batch` counts sequences, seq_len
+  // and key_seq_len are the total rows and max_seqlen_q / _k bound one sequence's rows.
+  // nullptr for an ordinary batch. Read by the CPU kernels only, for now.
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
-  const int32_t* key_lengths;  // (B,) valid key counts, or nullptr for "all L"
-  int64_t window_left, window_right;  // already clamped to [0, seq_len]
+  int64_t max_seqlen_q, max_seqlen_k;
+  const int32_t* key_lengths;  // (B,) valid key counts, or nullptr for "all key_seq_len"
+  // Clamped to [0, max(seq_len, key_seq_len)], beyond which a side is unbounded.
+  int64_t window_left, window_right;
   double scale;  // double so float64 inputs keep their precision; kernels narrow as needed
+  // Logit soft-capping (Gemma 2): scores s -> softcap * tanh(s / softcap) after the scale;
+  // 0 = off. CPU kernels only, for now.
+  double softcap;
 };
 
 // The k / v head that query head h reads: each group of heads / kv_heads consecutive query

@@ -3,16 +3,30 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastattn, m) {
-  // Sliding-window attention. Query i sees key j iff i - window_left <= j <= i + window_right
-  // and j < key_lengths[b]. lse is float32 (B, H, L); -inf where a query sees no key.
+  // Sliding-window attention, q (B, H, Lq, D), k and v (B, H_kv, Lk, D). Query i sits at key
+  // position p = i + offset (offset 0 if Lq == Lk, else keys(b) - Lq: bottom-right) and sees
+  // key j iff p - window_left <= j <= p + window_right and j < keys(b) = key_lengths[b] (or Lk).
+  // softcap > 0 maps the scaled scores s to softcap * tanh(s / softcap); 0 is off.
+  // lse is float32 (B, H, Lq); -inf where a query sees no key.
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, int window_left, int window_right, "
-      "Tensor? key_lengths, float scale) -> (Tensor out, Tensor lse)");
+      "Tensor? key_lengths, float scale, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // grad_lse lets a caller differentiate through the returned lse as well as out.
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, int window_left, int window_right, Tensor? key_lengths, "
-      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, float softcap=0.0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Packed variable-length batch: q (Tq, H, D), k and v (Tk, H_kv, D); sequence n owns rows
+  // [cu_seqlens[n], cu_seqlens[n + 1]) of each, bottom-right aligned as above; lse (H, Tq).
+  m.def(
+      "local_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int window_left, "
+      "int window_right, float scale, float softcap) -> (Tensor out, Tensor lse)");
+  m.def(
+      "local_attention_varlen_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, int window_left, int window_right, float scale, "
+      "float softcap) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // Clustering of the queries (not differentiable): LSH by the rows of planes (bits, D + 1:
   // normal, then bias), then Lloyd k-means in Hamming space. seed is a (1,) int64 tensor on

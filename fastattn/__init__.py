@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "BuildError": "fastattn._build",
     "local_attention": "fastattn.local",
+    "local_attention_varlen": "fastattn.varlen",
     "Clustering": "fastattn.clustered",
     "cluster": "fastattn.clustered",
     "clustered_attention": "fastattn.clustered",

@@ -43,43 +43,77 @@ def ensure_loaded(device: torch.device) -> bool:
 
 def _register() -> None:
     torch.library.register_fake("fastattn::local_attention_fwd")(_local_fwd_fake)
-    torch.library.register_fake("fastattn::local_attention_bwd")(_local_bwd_fake)
+    torch.library.register_fake("fastattn::local_attention_bwd")(_qkv_grads_fake)
     torch.library.register_autograd(
         "fastattn::local_attention_fwd", _local_fwd_backward, setup_context=_local_fwd_setup
+    )
+    torch.library.register_fake("fastattn::local_attention_varlen_fwd")(_varlen_fwd_fake)
+    torch.library.register_fake("fastattn::local_attention_varlen_bwd")(_qkv_grads_fake)
+    torch.library.register_autograd(
+        "fastattn::local_attention_varlen_fwd", _varlen_fwd_backward,
+        setup_context=_varlen_fwd_setup,
     )
     _register_clustered()
 
 
-def _local_fwd_fake(q, k, v, window_left, window_right, key_lengths, scale):
+def _local_fwd_fake(q, k, v, window_left, window_right, key_lengths, scale, softcap=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:-1], dtype=torch.float32
     )
 
 
-def _local_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right,
-                    key_lengths, scale):
-    # dk and dv have k's and v's shape (H_kv heads under GQA), contiguous.
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     window_left, window_right, scale, softcap):
+    # out (Tq, H, D); lse (H, Tq), FlashAttention's varlen layout.
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.float32
+    )
+
+
+def _qkv_grads_fake(grad_out, grad_lse, q, k, v, *args):
+    # dk and dv have k's and v's shape (H_kv heads under GQA, Lk rows), contiguous.
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _local_fwd_setup(ctx, inputs, output):
-    q, k, v, window_left, window_right, key_lengths, scale = inputs
+def _save_qkv_out(ctx, inputs, output, *extra_tensors):
+    """Saves q, k, v, out, lse and ``extra_tensors``; the int / float arguments past them stay
+    on ctx, in the order the backward op takes them."""
+    q, k, v = inputs[:3]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-    ctx.window = (window_left, window_right)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, *extra_tensors)
+
+
+def _upstream(ctx, grad_out, grad_lse):
+    """The saved tensors, and the upstream gradients with zeros for an unused output."""
+    q, k, v, out, lse, *extra = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    return (grad_out, grad_lse, q, k, v, out, lse), extra
+
+
+def _local_fwd_setup(ctx, inputs, output):
+    q, k, v, window_left, window_right, key_lengths, scale, softcap = inputs
+    _save_qkv_out(ctx, inputs, output, key_lengths)
+    ctx.args = (window_left, window_right)
+    ctx.scalars = (scale, softcap)
 
 
 def _local_fwd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_lengths = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
-    grad_q, grad_k, grad_v = torch.ops.fastattn.local_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, *ctx.window, key_lengths, ctx.scale
-    )
-    return grad_q, grad_k, grad_v, None, None, None, None
+    tensors, (key_lengths,) = _upstream(ctx, grad_out, grad_lse)
+    grads = torch.ops.fastattn.local_attention_bwd(*tensors, *ctx.args, key_lengths, *ctx.scalars)
+    return *grads, None, None, None, None, None
+
+
+def _varlen_fwd_setup(ctx, inputs, output):
+    cu_seqlens_q, cu_seqlens_k = inputs[3:5]
+    _save_qkv_out(ctx, inputs, output, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = tuple(inputs[5:])  # max_seqlen_q, max_seqlen_k, window, scale, softcap
+
+
+def _varlen_fwd_backward(ctx, grad_out, grad_lse):
+    tensors, cu_seqlens = _upstream(ctx, grad_out, grad_lse)
+    grads = torch.ops.fastattn.local_attention_varlen_bwd(*tensors, *cu_seqlens, *ctx.args)
+    return *grads, None, None, None, None, None, None, None, None
 
 
 def _register_clustered() -> None:

@@ -31,7 +31,7 @@ def qkv(shape=(2, 3, 10, 16), dtype=torch.float32):
          r"k and v must have the same \(B, H_kv, L, D\) shape, got .* k.shape=\(2, 1, 10, 16\), "
          r"v.shape=\(2, 3, 10, 16\)"),
         (lambda q, k, v: (q, k[:, :1, :, :8], v[:, :1, :, :8]), ValueError,
-         r"q, k, v must have the same B, L and D, got q.shape=\(2, 3, 10, 16\), "
+         r"q, k, v must have the same B and D, got q.shape=\(2, 3, 10, 16\), "
          r"k.shape=\(2, 1, 10, 8\)"),
     ],
     ids=["not-tensor", "rank", "k-len", "v-heads", "dtype-mismatch", "int-dtype", "device",

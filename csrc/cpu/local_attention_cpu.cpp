@@ -12,18 +12,44 @@
 namespace fastattn {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
-    int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale) {
-  check_qkv(q, k, v, /*grouped_kv=*/true);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse.fill_(-std::numeric_limits<float>::infinity())};
-  const LocalAttentionParams p =
-      make_params(q, k, v, out, lse, key_lengths, window_left, window_right, scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_fwd", [&] {
+void run_forward(const LocalAttentionParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "local_attention_fwd", [&] {
     cpu::local_attention_forward<scalar_t, at::opmath_type<scalar_t>>(p);
   });
+}
+
+void run_backward(const LocalAttentionBwdParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "local_attention_bwd", [&] {
+    cpu::local_attention_backward<scalar_t, at::opmath_type<scalar_t>>(p);
+  });
+}
+
+// out in q's shape, lse float32 with q's shape but D: (B, H, Lq), or (H, Tq) for a packed batch.
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto lse_options = q.options().dtype(at::kFloat);
+  at::Tensor lse = q.dim() == 3 ? at::empty({q.size(1), q.size(0)}, lse_options)
+                                : at::empty({q.size(0), q.size(1), q.size(2)}, lse_options);
+  return {out, lse};
+}
+
+// With no query or no key there is nothing to run: zeros, lse -inf.
+bool no_work(const at::Tensor& q, const at::Tensor& k, at::Tensor& out, at::Tensor& lse) {
+  if (q.numel() > 0 && k.numel() > 0) return false;
+  out.zero_();
+  lse.fill_(-std::numeric_limits<float>::infinity());
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
+    int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale,
+    double softcap) {
+  check_qkv(q, k, v, /*grouped_kv=*/true);
+  auto [out, lse] = allocate_outputs(q);
+  const LocalAttentionParams p =
+      make_params(q, k, v, out, lse, key_lengths, window_left, window_right, scale, softcap);
+  if (!no_work(q, k, out, lse)) run_forward(p, q.scalar_type());
   return {out, lse};
 }
 
@@ -31,13 +57,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& key_lengths,
-    double scale) {
+    double scale, double softcap) {
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
-                                              window_left, window_right, scale);
-  if (q.numel() == 0) return b.grads(k, v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_bwd", [&] {
-    cpu::local_attention_backward<scalar_t, at::opmath_type<scalar_t>>(b.params);
-  });
+                                              window_left, window_right, scale, softcap);
+  if (b.has_work) run_backward(b.params, q.scalar_type());
+  return b.grads(k, v);
+}
+
+std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
+    double softcap) {
+  check_varlen_qkv(q, k, v);
+  auto [out, lse] = allocate_outputs(q);
+  const LocalAttentionParams p =
+      make_varlen_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, window_left, window_right, scale, softcap);
+  if (!no_work(q, k, out, lse)) run_forward(p, q.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
+    double softcap) {
+  check_varlen_qkv(q, k, v);
+  LocalAttentionBackward b = prepare_backward(
+      grad_out, grad_lse, q, k, out, lse, [&](const at::Tensor& o, const at::Tensor& l) {
+        return make_varlen_params(q, k, v, o, l, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, window_left, window_right, scale, softcap);
+      });
+  if (b.has_work) run_backward(b.params, q.scalar_type());
   return b.grads(k, v);
 }
 
@@ -46,6 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("local_attention_fwd", &local_attention_fwd_cpu);
   m.impl("local_attention_bwd", &local_attention_bwd_cpu);
+  m.impl("local_attention_varlen_fwd", &local_attention_varlen_fwd_cpu);
+  m.impl("local_attention_varlen_bwd", &local_attention_varlen_bwd_cpu);
 }
 
 }  // namespace fastattn

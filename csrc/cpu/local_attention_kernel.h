@@ -45,20 +45,66 @@ struct Band {
   int64_t lo, hi;  // inclusive range; empty when lo > hi
 };
 
-inline int64_t valid_keys(const LocalAttentionParams& p, int64_t b) {
-  if (p.key_lengths == nullptr) return p.seq_len;
-  return std::clamp<int64_t>(p.key_lengths[b], 0, p.seq_len);
+// One sequence of the call: where its query and key rows are in the tensors, and where its
+// queries sit among its keys. An ordinary batch has one per batch index; a packed batch
+// (local_attention_varlen) one per pair of cu_seqlens entries, all in tensor batch 0.
+struct Sequence {
+  int64_t tb;      // batch index into the tensors
+  int64_t q0, lq;  // query rows [q0, q0 + lq)
+  int64_t k0, lk;  // visible key rows [k0, k0 + lk)
+  int64_t k_rows;  // key rows whose gradients this sequence writes: lk, or all key_seq_len
+                   // rows of an ordinary batch (those past key_lengths get zeros)
+  int64_t offset;  // query i sits at key position i + offset (bottom-right alignment)
+};
+
+// The alignment rule (FlashAttention >= 2.1's bottom-right): the last query sits at the last
+// visible key, offset = lk - lq. One exception keeps self-attention over a padded batch as it
+// was: with as many query rows as key rows, key_lengths pads queries and keys alike, so the
+// valid queries number lk too and the offset is 0.
+inline Sequence sequence(const LocalAttentionParams& p, int64_t b) {
+  Sequence s;
+  if (p.cu_seqlens_q != nullptr) {
+    s.tb = 0;
+    s.q0 = p.cu_seqlens_q[b];
+    s.lq = p.cu_seqlens_q[b + 1] - s.q0;
+    s.k0 = p.cu_seqlens_k[b];
+    s.lk = s.k_rows = p.cu_seqlens_k[b + 1] - s.k0;
+    s.offset = s.lk - s.lq;
+    return s;
+  }
+  s.tb = b;
+  s.q0 = s.k0 = 0;
+  s.lq = p.seq_len;
+  s.k_rows = p.key_seq_len;
+  s.lk = p.key_lengths == nullptr
+             ? p.key_seq_len
+             : std::clamp<int64_t>(p.key_lengths[b], 0, p.key_seq_len);
+  s.offset = p.seq_len == p.key_seq_len ? 0 : s.lk - s.lq;
+  return s;
 }
 
-// Keys seen by query i.
-inline Band query_band(const LocalAttentionParams& p, int64_t i, int64_t keys) {
-  return {std::max<int64_t>(0, i - p.window_left), std::min<int64_t>(keys - 1, i + p.window_right)};
+// Work items per (sequence, head): tiles of kRowTile rows of the longest sequence's queries
+// (forward, grad_q) or keys (grad_k, grad_v); a shorter sequence's surplus items do nothing.
+inline int64_t row_tiles(int64_t rows) { return (rows + kRowTile - 1) / kRowTile; }
+inline int64_t query_tiles(const LocalAttentionParams& p) {
+  return row_tiles(p.cu_seqlens_q != nullptr ? p.max_seqlen_q : p.seq_len);
+}
+inline int64_t key_tiles(const LocalAttentionParams& p) {
+  return row_tiles(p.cu_seqlens_q != nullptr ? p.max_seqlen_k : p.key_seq_len);
 }
 
-// Queries that see key j: j - window_right <= i <= j + window_left.
-inline Band key_band(const LocalAttentionParams& p, int64_t j) {
-  return {std::max<int64_t>(0, j - p.window_right),
-          std::min<int64_t>(p.seq_len - 1, j + p.window_left)};
+// Keys seen by the sequence's queries [i, i + n): the union of their bands, each
+// [pos - left, pos + right] at pos = query + offset, within the visible keys.
+inline Band keys_seen(const LocalAttentionParams& p, const Sequence& s, int64_t i, int64_t n = 1) {
+  return {std::max<int64_t>(0, i + s.offset - p.window_left),
+          std::min<int64_t>(s.lk - 1, i + n - 1 + s.offset + p.window_right)};
+}
+
+// Queries that see one of the keys [j, j + n): j - right <= i + offset <= j + left.
+inline Band queries_seeing(const LocalAttentionParams& p, const Sequence& s, int64_t j,
+                           int64_t n = 1) {
+  return {std::max<int64_t>(0, j - p.window_right - s.offset),
+          std::min<int64_t>(s.lq - 1, j + n - 1 + p.window_left - s.offset)};
 }
 
 // The part of `band` inside the chunk [start, start + n), relative to start.
@@ -184,53 +230,69 @@ FASTATTN_CLONED_HELPER void accumulate(acc_t* __restrict y, const acc_t* __restr
   }
 }
 
-// Work item `item` of the query-side passes: kRowTile query rows of one (batch, head).
+// Logit soft-capping: s[c] -> softcap * tanh(s[c] / softcap) over the band. The backward keeps
+// the tanh values (`tanh_out`, or null) for the derivative 1 - tanh^2.
+template <typename acc_t>
+inline void cap_scores(acc_t* s, acc_t* tanh_out, acc_t softcap, Band band) {
+  for (int64_t c = band.lo; c <= band.hi; ++c) {
+    const acc_t t = std::tanh(s[c] / softcap);
+    if (tanh_out != nullptr) tanh_out[c] = t;
+    s[c] = softcap * t;
+  }
+}
+
+// Work item `item` of the query-side passes: up to kRowTile query rows of one (sequence, head).
 struct QueryTile {
-  int64_t bh, b, h, kvh, i0, rows, keys;  // kvh: h's k / v head; keys: valid keys of the batch
-  Band keys_seen;                    // the union of the rows' bands
+  int64_t bh, h, kvh, i0, rows;  // kvh: h's k / v head; rows: 0 past the sequence's queries
+  Sequence seq;
+  Band keys;  // the keys the tile's queries see (the union of their bands)
+
+  int64_t lse_index(const LocalAttentionParams& p, int64_t r) const {
+    return (seq.tb * p.heads + h) * p.seq_len + seq.q0 + i0 + r;
+  }
 };
 
 inline QueryTile query_tile(const LocalAttentionParams& p, int64_t item, int64_t tiles) {
   QueryTile t;
   t.bh = item / tiles;
   t.h = t.bh % p.heads;
-  t.b = t.bh / p.heads;
+  t.seq = sequence(p, t.bh / p.heads);
   t.kvh = kv_head(p, t.h);
   t.i0 = (item % tiles) * kRowTile;
-  t.rows = std::min(kRowTile, p.seq_len - t.i0);
-  t.keys = valid_keys(p, t.b);
-  t.keys_seen = {std::max<int64_t>(0, t.i0 - p.window_left),
-                 std::min<int64_t>(t.keys - 1, t.i0 + t.rows - 1 + p.window_right)};
+  t.rows = std::clamp<int64_t>(t.seq.lq - t.i0, 0, kRowTile);
+  t.keys = keys_seen(p, t.seq, t.i0, t.rows);
   return t;
 }
 
 // Forward of the work items [begin, end): tiles of kRowTile query rows.
 template <typename scalar_t, typename acc_t>
 FASTATTN_CPU_CLONES void forward_tiles(const LocalAttentionParams& p, int64_t begin, int64_t end) {
-  const int64_t D = p.head_dim, L = p.seq_len;
-  const int64_t tiles = (L + kRowTile - 1) / kRowTile;
+  const int64_t D = p.head_dim, tiles = query_tiles(p);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t softcap = static_cast<acc_t>(p.softcap);
   std::vector<acc_t> q(kRowTile * D), acc(kRowTile * D), kt(D * kChunk), v(kChunk * D),
       s(kChunk), row_max(kRowTile), denom(kRowTile);
   for (int64_t item = begin; item < end; ++item) {
     const QueryTile t = query_tile(p, item, tiles);
-    const int64_t bh = t.bh, h = t.h, b = t.b, i0 = t.i0, m = t.rows, keys = t.keys;
-    const Band tile_keys = t.keys_seen;
-    load_chunk<scalar_t, acc_t>(q.data(), nullptr, p.q, p.q_strides, b, h, i0, m, D,
-                                static_cast<acc_t>(p.scale));
+    if (t.rows == 0) continue;
+    const Sequence& seq = t.seq;
+    const int64_t h = t.h, m = t.rows;
+    load_chunk<scalar_t, acc_t>(q.data(), nullptr, p.q, p.q_strides, seq.tb, h, seq.q0 + t.i0,
+                                m, D, static_cast<acc_t>(p.scale));
     std::fill(acc.begin(), acc.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), neg_inf);
     std::fill(denom.begin(), denom.end(), acc_t(0));
-    for (int64_t j0 = tile_keys.lo; j0 <= tile_keys.hi; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, tile_keys.hi - j0 + 1);
-      load_chunk<scalar_t, acc_t>(nullptr, kt.data(), p.k, p.k_strides, b, t.kvh, j0, n, D,
-                                  acc_t(1));
-      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, t.kvh, j0, n, D,
-                                  acc_t(1));
+    for (int64_t j0 = t.keys.lo; j0 <= t.keys.hi; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, t.keys.hi - j0 + 1);
+      load_chunk<scalar_t, acc_t>(nullptr, kt.data(), p.k, p.k_strides, seq.tb, t.kvh,
+                                  seq.k0 + j0, n, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, seq.tb, t.kvh,
+                                  seq.k0 + j0, n, D, acc_t(1));
       for (int64_t r = 0; r < m; ++r) {
-        const Band cols = within_chunk(query_band(p, i0 + r, keys), j0, n);
+        const Band cols = within_chunk(keys_seen(p, seq, t.i0 + r), j0, n);
         if (cols.lo > cols.hi) continue;
         scores(s.data(), q.data() + r * D, kt.data(), D, cols);
+        if (softcap > 0) cap_scores<acc_t>(s.data(), nullptr, softcap, cols);
         acc_t chunk_max = neg_inf;
         for (int64_t c = cols.lo; c <= cols.hi; ++c) chunk_max = std::max(chunk_max, s[c]);
         const acc_t new_max = std::max(row_max[r], chunk_max);
@@ -246,8 +308,8 @@ FASTATTN_CPU_CLONES void forward_tiles(const LocalAttentionParams& p, int64_t be
       }
     }
     for (int64_t r = 0; r < m; ++r) {
-      scalar_t* out = mutable_row<scalar_t>(p.out, p.out_strides, b, h, i0 + r);
-      float* lse = p.lse + bh * L + i0 + r;
+      scalar_t* out = mutable_row<scalar_t>(p.out, p.out_strides, seq.tb, h, seq.q0 + t.i0 + r);
+      float* lse = p.lse + t.lse_index(p, r);
       if (denom[r] == acc_t(0)) {  // the query sees no key
         std::fill(out, out + D, scalar_t(0));
         *lse = -std::numeric_limits<float>::infinity();
@@ -261,95 +323,128 @@ FASTATTN_CPU_CLONES void forward_tiles(const LocalAttentionParams& p, int64_t be
 
 template <typename scalar_t, typename acc_t>
 void local_attention_forward(const LocalAttentionParams& p) {
-  const int64_t tiles = (p.seq_len + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, p.batch * p.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads * query_tiles(p), 1, [&](int64_t begin, int64_t end) {
     forward_tiles<scalar_t, acc_t>(p, begin, end);
   });
 }
 
-  // grad_q[i] = scale * sum_j P[i,j] (dP[i,j] - delta[i]) k[j],  dP[i,j] = dout[i] . v[j]
+// The probabilities of a band from its scaled scores s: P = exp(s' - lse), s' the (capped)
+// score; lse per column (a chunk of queries) or one for the band (a query row). With softcap,
+// `tanh_of` receives tanh(s / softcap) for the score's derivative.
+template <typename acc_t>
+FASTATTN_CLONED_HELPER void probabilities(acc_t* s, acc_t* tanh_of, acc_t softcap,
+                                          const acc_t* lse, bool lse_per_column, Band band) {
+  if (softcap > 0) cap_scores<acc_t>(s, tanh_of, softcap, band);
+  if (lse_per_column) {
+    for (int64_t c = band.lo; c <= band.hi; ++c) s[c] = exp_of(s[c] - lse[c]);
+    return;
+  }
+  const acc_t row_lse = lse[0];
+  for (int64_t c = band.lo; c <= band.hi; ++c) s[c] = exp_of(s[c] - row_lse);
+}
+
+// dS = P (dP - delta) becomes the gradient of the raw score: times 1 - tanh^2 under softcap.
+template <typename acc_t>
+FASTATTN_CLONED_HELPER void uncap_gradient(acc_t* ds, const acc_t* tanh_of, acc_t softcap,
+                                           Band band) {
+  if (softcap <= 0) return;
+  for (int64_t c = band.lo; c <= band.hi; ++c) ds[c] *= acc_t(1) - tanh_of[c] * tanh_of[c];
+}
+
+  // grad_q[i] = scale * sum_j dS[i,j] k[j],  dS[i,j] = P[i,j] (dP[i,j] - delta[i]) (x 1 - tanh^2)
 template <typename scalar_t, typename acc_t>
 FASTATTN_CPU_CLONES void grad_q_tiles(const LocalAttentionBwdParams& p, int64_t begin, int64_t end) {
-  const int64_t D = p.head_dim, L = p.seq_len, tiles = (L + kRowTile - 1) / kRowTile;
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const int64_t D = p.head_dim, tiles = query_tiles(p);
+  const acc_t scale = static_cast<acc_t>(p.scale), softcap = static_cast<acc_t>(p.softcap);
   std::vector<acc_t> q(kRowTile * D), dout(kRowTile * D), dq(kRowTile * D), k(kChunk * D),
-      kt(D * kChunk), vt(D * kChunk), prob(kChunk), dp(kChunk);
+      kt(D * kChunk), vt(D * kChunk), prob(kChunk), dp(kChunk), tanh_of(kChunk);
   for (int64_t item = begin; item < end; ++item) {
     const QueryTile t = query_tile(p, item, tiles);
-    const int64_t bh = t.bh, h = t.h, b = t.b, i0 = t.i0, m = t.rows, keys = t.keys;
-    const Band tile_keys = t.keys_seen;
-    load_chunk<scalar_t, acc_t>(q.data(), nullptr, p.q, p.q_strides, b, h, i0, m, D, scale);
-    load_chunk<scalar_t, acc_t>(dout.data(), nullptr, p.grad_out, p.grad_out_strides, b, h, i0,
-                                m, D, acc_t(1));
+    if (t.rows == 0) continue;
+    const Sequence& seq = t.seq;
+    const int64_t h = t.h, m = t.rows, q_row = seq.q0 + t.i0;
+    load_chunk<scalar_t, acc_t>(q.data(), nullptr, p.q, p.q_strides, seq.tb, h, q_row, m, D,
+                                scale);
+    load_chunk<scalar_t, acc_t>(dout.data(), nullptr, p.grad_out, p.grad_out_strides, seq.tb, h,
+                                q_row, m, D, acc_t(1));
     std::fill(dq.begin(), dq.end(), acc_t(0));
-    for (int64_t j0 = tile_keys.lo; j0 <= tile_keys.hi; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, tile_keys.hi - j0 + 1);
-      load_chunk<scalar_t, acc_t>(k.data(), kt.data(), p.k, p.k_strides, b, t.kvh, j0, n, D,
-                                  acc_t(1));
-      load_chunk<scalar_t, acc_t>(nullptr, vt.data(), p.v, p.v_strides, b, t.kvh, j0, n, D,
-                                  acc_t(1));
+    for (int64_t j0 = t.keys.lo; j0 <= t.keys.hi; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, t.keys.hi - j0 + 1);
+      load_chunk<scalar_t, acc_t>(k.data(), kt.data(), p.k, p.k_strides, seq.tb, t.kvh,
+                                  seq.k0 + j0, n, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(nullptr, vt.data(), p.v, p.v_strides, seq.tb, t.kvh,
+                                  seq.k0 + j0, n, D, acc_t(1));
       for (int64_t r = 0; r < m; ++r) {
-        const Band cols = within_chunk(query_band(p, i0 + r, keys), j0, n);
+        const Band cols = within_chunk(keys_seen(p, seq, t.i0 + r), j0, n);
         if (cols.lo > cols.hi) continue;
-        const acc_t lse = p.lse[bh * L + i0 + r], delta = p.delta[bh * L + i0 + r];
+        const acc_t lse = p.lse[t.lse_index(p, r)], delta = p.delta[t.lse_index(p, r)];
         scores(prob.data(), q.data() + r * D, kt.data(), D, cols);
         scores(dp.data(), dout.data() + r * D, vt.data(), D, cols);
-        for (int64_t c = cols.lo; c <= cols.hi; ++c) prob[c] = exp_of(prob[c] - lse);
+        probabilities(prob.data(), tanh_of.data(), softcap, &lse, false, cols);
         for (int64_t c = cols.lo; c <= cols.hi; ++c) prob[c] *= (dp[c] - delta) * scale;
+        uncap_gradient(prob.data(), tanh_of.data(), softcap, cols);
         accumulate(dq.data() + r * D, prob.data(), k.data(), D, cols);
       }
     }
     for (int64_t r = 0; r < m; ++r) {
-      scalar_t* grad_q = mutable_row<scalar_t>(p.grad_q, p.grad_q_strides, b, h, i0 + r);
+      scalar_t* grad_q = mutable_row<scalar_t>(p.grad_q, p.grad_q_strides, seq.tb, h, q_row + r);
       for (int64_t d = 0; d < D; ++d) grad_q[d] = static_cast<scalar_t>(dq[r * D + d]);
     }
   }
 }
 
-  // grad_v[j] = sum_i P[i,j] dout[i];  grad_k[j] = sum_i P[i,j] (dP[i,j] - delta[i]) scale q[i]
+  // grad_v[j] = sum_i P[i,j] dout[i];  grad_k[j] = sum_i dS[i,j] scale q[i]
 template <typename scalar_t, typename acc_t>
 FASTATTN_CPU_CLONES void grad_kv_tiles(const LocalAttentionBwdParams& p, int64_t begin, int64_t end) {
-  const int64_t D = p.head_dim, L = p.seq_len, tiles = (L + kRowTile - 1) / kRowTile;
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const int64_t D = p.head_dim, tiles = key_tiles(p);
+  const acc_t scale = static_cast<acc_t>(p.scale), softcap = static_cast<acc_t>(p.softcap);
   std::vector<acc_t> k(kRowTile * D), v(kRowTile * D), dk(kRowTile * D), dv(kRowTile * D),
       q(kChunk * D), qt(D * kChunk), dout(kChunk * D), doutt(D * kChunk), lse(kChunk),
-      delta(kChunk), prob(kChunk), dp(kChunk);
+      delta(kChunk), prob(kChunk), dp(kChunk), tanh_of(kChunk);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t bh = item / tiles, h = bh % p.heads, b = bh / p.heads;
+    const int64_t bh = item / tiles, h = bh % p.heads;
+    const Sequence seq = sequence(p, bh / p.heads);
     const int64_t j0 = (item % tiles) * kRowTile;
-    const int64_t m = std::max<int64_t>(0, std::min(kRowTile, valid_keys(p, b) - j0));
+    const int64_t written = std::clamp<int64_t>(seq.k_rows - j0, 0, kRowTile);
+    if (written == 0) continue;
+    const int64_t m = std::clamp<int64_t>(seq.lk - j0, 0, kRowTile);  // visible key rows
+    const int64_t lse_row0 = (seq.tb * p.heads + h) * p.seq_len + seq.q0;
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
     if (m > 0) {
-      const Band tile_queries = {std::max<int64_t>(0, j0 - p.window_right),
-                                 std::min<int64_t>(L - 1, j0 + m - 1 + p.window_left)};
+      const Band tile_queries = queries_seeing(p, seq, j0, m);
       const int64_t kvh = kv_head(p, h);
-      load_chunk<scalar_t, acc_t>(k.data(), nullptr, p.k, p.k_strides, b, kvh, j0, m, D, acc_t(1));
-      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, b, kvh, j0, m, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(k.data(), nullptr, p.k, p.k_strides, seq.tb, kvh, seq.k0 + j0,
+                                  m, D, acc_t(1));
+      load_chunk<scalar_t, acc_t>(v.data(), nullptr, p.v, p.v_strides, seq.tb, kvh, seq.k0 + j0,
+                                  m, D, acc_t(1));
       for (int64_t i0 = tile_queries.lo; i0 <= tile_queries.hi; i0 += kChunk) {
         const int64_t n = std::min(kChunk, tile_queries.hi - i0 + 1);
-        load_chunk<scalar_t, acc_t>(q.data(), qt.data(), p.q, p.q_strides, b, h, i0, n, D, scale);
-        load_chunk<scalar_t, acc_t>(dout.data(), doutt.data(), p.grad_out, p.grad_out_strides, b,
-                                    h, i0, n, D, acc_t(1));
+        load_chunk<scalar_t, acc_t>(q.data(), qt.data(), p.q, p.q_strides, seq.tb, h,
+                                    seq.q0 + i0, n, D, scale);
+        load_chunk<scalar_t, acc_t>(dout.data(), doutt.data(), p.grad_out, p.grad_out_strides,
+                                    seq.tb, h, seq.q0 + i0, n, D, acc_t(1));
         for (int64_t c = 0; c < n; ++c) {
-          lse[c] = p.lse[bh * L + i0 + c];
-          delta[c] = p.delta[bh * L + i0 + c];
+          lse[c] = p.lse[lse_row0 + i0 + c];
+          delta[c] = p.delta[lse_row0 + i0 + c];
         }
         for (int64_t r = 0; r < m; ++r) {
-          const Band cols = within_chunk(key_band(p, j0 + r), i0, n);
+          const Band cols = within_chunk(queries_seeing(p, seq, j0 + r), i0, n);
           if (cols.lo > cols.hi) continue;
           scores(prob.data(), k.data() + r * D, qt.data(), D, cols);
           scores(dp.data(), v.data() + r * D, doutt.data(), D, cols);
-          for (int64_t c = cols.lo; c <= cols.hi; ++c) prob[c] = exp_of(prob[c] - lse[c]);
+          probabilities(prob.data(), tanh_of.data(), softcap, lse.data(), true, cols);
           accumulate(dv.data() + r * D, prob.data(), dout.data(), D, cols);
           for (int64_t c = cols.lo; c <= cols.hi; ++c) prob[c] *= dp[c] - delta[c];
+          uncap_gradient(prob.data(), tanh_of.data(), softcap, cols);
           accumulate(dk.data() + r * D, prob.data(), q.data(), D, cols);  // q carries the scale
         }
       }
     }
-    for (int64_t r = 0; r < std::min(kRowTile, L - j0); ++r) {
-      scalar_t* grad_k = mutable_row<scalar_t>(p.grad_k, p.grad_k_strides, b, h, j0 + r);
-      scalar_t* grad_v = mutable_row<scalar_t>(p.grad_v, p.grad_v_strides, b, h, j0 + r);
+    for (int64_t r = 0; r < written; ++r) {
+      const int64_t key_row = seq.k0 + j0 + r;
+      scalar_t* grad_k = mutable_row<scalar_t>(p.grad_k, p.grad_k_strides, seq.tb, h, key_row);
+      scalar_t* grad_v = mutable_row<scalar_t>(p.grad_v, p.grad_v_strides, seq.tb, h, key_row);
       for (int64_t d = 0; d < D; ++d) {
         grad_k[d] = static_cast<scalar_t>(dk[r * D + d]);
         grad_v[d] = static_cast<scalar_t>(dv[r * D + d]);
@@ -364,7 +459,9 @@ FASTATTN_CPU_CLONES void grad_kv_tiles(const LocalAttentionBwdParams& p, int64_t
 template <typename scalar_t, typename acc_t>
 void local_attention_backward(const LocalAttentionBwdParams& p) {
   const int64_t D = p.head_dim, L = p.seq_len;
-  const int64_t rows = p.batch * p.heads * L, tiles = (L + kRowTile - 1) / kRowTile;
+  // Every query row of the tensors: a packed batch is tensor batch 0 alone.
+  const int64_t tensor_batches = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  const int64_t rows = tensor_batches * p.heads * L;
 
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -377,10 +474,10 @@ void local_attention_backward(const LocalAttentionBwdParams& p) {
     }
   });
 
-  at::parallel_for(0, p.batch * p.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads * query_tiles(p), 1, [&](int64_t begin, int64_t end) {
     grad_q_tiles<scalar_t, acc_t>(p, begin, end);
   });
-  at::parallel_for(0, p.batch * p.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads * key_tiles(p), 1, [&](int64_t begin, int64_t end) {
     grad_kv_tiles<scalar_t, acc_t>(p, begin, end);
   });
 }

@@ -36,6 +36,16 @@ void check_cuda_inputs(const at::Tensor& q, bool backward) {
               backward ? "" : ", 256", "; got D=", q.size(3));
 }
 
+// What the CUDA kernels do not take yet (issue 14; the CPU kernels do): a KV cache (Lq != Lk)
+// and soft-capping. Packed batches have no CUDA kernel (local_attention_varlen_unsupported).
+void check_cuda_features(const at::Tensor& q, const at::Tensor& k, double softcap) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      k.size(2) == q.size(2), "fastattn: the CUDA kernels take as many query rows as key rows "
+      "for now, got Lq=", q.size(2), " and Lk=", k.size(2), "; Lq != Lk (KV cache) runs on the CPU");
+  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0, "fastattn: the CUDA kernels do not take softcap yet "
+                              "(got softcap=", softcap, "); it runs on the CPU");
+}
+
 // Rows can be copied 16 bytes at a time when the data pointer and every stride but the last
 // are multiples of 16 bytes.
 bool rows_aligned(const at::Tensor& t) {
@@ -46,9 +56,11 @@ bool rows_aligned(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
-    int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale) {
+    int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale,
+    double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/false);
+  check_cuda_features(q, k, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -66,13 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& key_lengths,
-    double scale) {
+    double scale, double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/true);
+  check_cuda_features(q, k, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
                                               window_left, window_right, scale);
-  if (q.numel() == 0) return b.grads(k, v);
+  if (!b.has_work) return b.grads(k, v);
   // Zeroed by the backward's delta pre-pass, before the main kernel adds into it.
   at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const bool aligned =
@@ -84,11 +97,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
   return b.grads(k, v);
 }
 
+// A direct op call with CUDA tensors gets this error rather than "no kernel for CUDA".
+[[noreturn]] void local_attention_varlen_unsupported() {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fastattn: local_attention_varlen has no CUDA kernel yet; "
+                              "it runs on the CPU");
+}
+
+std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    int64_t, int64_t, int64_t, int64_t, double, double) {
+  local_attention_varlen_unsupported();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+    int64_t, int64_t, double, double) {
+  local_attention_varlen_unsupported();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("local_attention_fwd", &local_attention_fwd_cuda);
   m.impl("local_attention_bwd", &local_attention_bwd_cuda);
+  m.impl("local_attention_varlen_fwd", &local_attention_varlen_fwd_cuda);
+  m.impl("local_attention_varlen_bwd", &local_attention_varlen_bwd_cuda);
 }
 
 }  // namespace fastattn
