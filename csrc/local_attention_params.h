@@ -57,6 +57,49 @@ FASTATTN_HOST_DEVICE inline int64_t kv_head(const LocalAttentionParams& p, int64
   return static_cast<uint32_t>(h) / group;
 }
 
+// n clamped to [0, rows] (no <algorithm> in device code).
+FASTATTN_HOST_DEVICE inline int64_t clamp_rows(int64_t n, int64_t rows) {
+  return n < 0 ? 0 : (n > rows ? rows : n);
+}
+
+// One sequence of the call: where its query and key rows are in the tensors, and where its
+// queries sit among its keys. An ordinary batch has one per batch index; a packed batch
+// (local_attention_varlen) one per pair of cu_seqlens entries, all in tensor batch 0.
+struct Sequence {
+  int64_t tb;      // batch index into the tensors
+  int64_t q0, lq;  // query rows [q0, q0 + lq)
+  int64_t k0, lk;  // visible key rows [k0, k0 + lk)
+  int64_t k_rows;  // key rows whose gradients this sequence writes: lk, or all key_seq_len
+                   // rows of an ordinary batch (those past key_lengths get zeros)
+  int64_t offset;  // query i sits at key position i + offset (bottom-right alignment)
+};
+
+// The alignment rule (FlashAttention >= 2.1's bottom-right): the last query sits at the last
+// visible key, offset = lk - lq. One exception keeps self-attention over a padded batch as it
+// was: with as many query rows as key rows, key_lengths pads queries and keys alike, so the
+// valid queries number lk too and the offset is 0.
+FASTATTN_HOST_DEVICE inline Sequence sequence(const LocalAttentionParams& p, int64_t b) {
+  Sequence s;
+  if (p.cu_seqlens_q != nullptr) {
+    s.tb = 0;
+    s.q0 = p.cu_seqlens_q[b];
+    s.lq = p.cu_seqlens_q[b + 1] - s.q0;
+    s.k0 = p.cu_seqlens_k[b];
+    s.lk = s.k_rows = p.cu_seqlens_k[b + 1] - s.k0;
+    s.offset = s.lk - s.lq;
+    return s;
+  }
+  s.tb = b;
+  s.q0 = s.k0 = 0;
+  s.lq = p.seq_len;
+  s.k_rows = p.key_seq_len;
+  s.lk = p.key_lengths == nullptr
+             ? p.key_seq_len
+             : clamp_rows(p.key_lengths[b], p.key_seq_len);
+  s.offset = p.seq_len == p.key_seq_len ? 0 : s.lk - s.lq;
+  return s;
+}
+
 struct LocalAttentionBwdParams : LocalAttentionParams {
   const void* grad_out;
   const float* grad_lse;   // (B, H, L) contiguous

@@ -184,6 +184,23 @@ inline LocalAttentionParams make_varlen_params(
   return p;
 }
 
+// out in q's shape, lse float32 with q's shape but D: (B, H, Lq), or (H, Tq) for a packed batch.
+inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto lse_options = q.options().dtype(at::kFloat);
+  at::Tensor lse = q.dim() == 3 ? at::empty({q.size(1), q.size(0)}, lse_options)
+                                : at::empty({q.size(0), q.size(1), q.size(2)}, lse_options);
+  return {out, lse};
+}
+
+// With no query or no key there is nothing to run: zeros, lse -inf.
+inline bool no_work(const at::Tensor& q, const at::Tensor& k, at::Tensor& out, at::Tensor& lse) {
+  if (q.numel() > 0 && k.numel() > 0) return false;
+  out.zero_();
+  lse.fill_(-std::numeric_limits<float>::infinity());
+  return true;
+}
+
 // dK or dV per query head (B, H, L, D) summed over each group of H / H_kv query heads into
 // k's shape (B, H_kv, L, D), in float32 for 16-bit dtypes, rounded once.
 //

@@ -24,23 +24,6 @@ void run_backward(const LocalAttentionBwdParams& p, at::ScalarType dtype) {
   });
 }
 
-// out in q's shape, lse float32 with q's shape but D: (B, H, Lq), or (H, Tq) for a packed batch.
-std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q) {
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  const auto lse_options = q.options().dtype(at::kFloat);
-  at::Tensor lse = q.dim() == 3 ? at::empty({q.size(1), q.size(0)}, lse_options)
-                                : at::empty({q.size(0), q.size(1), q.size(2)}, lse_options);
-  return {out, lse};
-}
-
-// With no query or no key there is nothing to run: zeros, lse -inf.
-bool no_work(const at::Tensor& q, const at::Tensor& k, at::Tensor& out, at::Tensor& lse) {
-  if (q.numel() > 0 && k.numel() > 0) return false;
-  out.zero_();
-  lse.fill_(-std::numeric_limits<float>::infinity());
-  return true;
-}
-
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
     int64_t window_right, const c10::optional<at::Tensor>& key_lengths, double scale,

@@ -12,6 +12,7 @@
 #include <limits>
 #include <tuple>
 
+#include "cuda/kernel_switches.h"
 #include "cuda/local_attention_cuda.h"
 #include "local_attention_torch.h"
 
@@ -36,22 +37,42 @@ void check_cuda_inputs(const at::Tensor& q, bool backward) {
               backward ? "" : ", 256", "; got D=", q.size(3));
 }
 
-// What the CUDA kernels do not take yet (issue 14; the CPU kernels do): a KV cache (Lq != Lk)
-// and soft-capping. Packed batches have no CUDA kernel (local_attention_varlen_unsupported).
-void check_cuda_features(const at::Tensor& q, const at::Tensor& k, double softcap) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      k.size(2) == q.size(2), "fastattn: the CUDA kernels take as many query rows as key rows "
-      "for now, got Lq=", q.size(2), " and Lk=", k.size(2), "; Lq != Lk (KV cache) runs on the CPU");
-  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0, "fastattn: the CUDA kernels do not take softcap yet "
-                              "(got softcap=", softcap, "); it runs on the CPU");
+// A KV cache (Lq != Lk), packed sequences and soft-capping (issue 14). The CPU kernels take
+// them. On CUDA the forward takes them in the mma.sync kernel's general variant (kSeq), which
+// has compiled but not yet run on a GPU: until its tests have passed there it runs only where
+// FASTATTN_UNVERIFIED_CUDA_FEATURES=1 is set (the tests set it), and otherwise these calls
+// raise rather than risk a wrong answer. The CUDA backward does not take them yet.
+constexpr const char* kUnverifiedSwitch = "FASTATTN_UNVERIFIED_CUDA_FEATURES";
+
+void check_cuda_features(bool kv_cache, bool packed, double softcap, bool backward) {
+  if (!kv_cache && !packed && softcap == 0) return;
+  const char* feature = packed ? "local_attention_varlen" : kv_cache ? "Lq != Lk (a KV cache)"
+                                                                     : "softcap";
+  TORCH_CHECK_NOT_IMPLEMENTED(!backward, "fastattn: the CUDA backward does not take ", feature,
+                              " yet; the CPU kernels do");
+  TORCH_CHECK_NOT_IMPLEMENTED(cuda::switch_set(kUnverifiedSwitch), "fastattn: ", feature,
+                              " on CUDA has not been verified on a GPU yet; set ",
+                              kUnverifiedSwitch, "=1 to run it anyway, or run on the CPU");
 }
 
 // Rows can be copied 16 bytes at a time when the data pointer and every stride but the last
 // are multiples of 16 bytes.
 bool rows_aligned(const at::Tensor& t) {
   const int64_t elems = 16 / t.element_size();
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elems == 0 &&
-         t.stride(1) % elems == 0 && t.stride(2) % elems == 0;
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned = aligned && t.stride(d) % elems == 0;
+  return aligned;
+}
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, at::Tensor out,
+                                               at::Tensor lse, const LocalAttentionParams& p) {
+  if (no_work(q, k, out, lse)) return {out, lse};
+  const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
+  C10_CUDA_CHECK(cuda::local_attention_fwd(p, kernel_dtype(q), aligned,
+                                           c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
@@ -60,18 +81,12 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/false);
-  check_cuda_features(q, k, softcap);
+  check_cuda_features(k.size(2) != q.size(2), false, softcap, /*backward=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse.fill_(-std::numeric_limits<float>::infinity())};
+  auto [out, lse] = allocate_outputs(q);
   const LocalAttentionParams p =
-      make_params(q, k, v, out, lse, key_lengths, window_left, window_right, scale);
-  const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
-  C10_CUDA_CHECK(cuda::local_attention_fwd(p, kernel_dtype(q), aligned,
-                                           c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, lse};
+      make_params(q, k, v, out, lse, key_lengths, window_left, window_right, scale, softcap);
+  return run_forward(q, k, v, out, lse, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
@@ -81,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     double scale, double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/true);
-  check_cuda_features(q, k, softcap);
+  check_cuda_features(k.size(2) != q.size(2), false, softcap, /*backward=*/true);
   const c10::cuda::CUDAGuard guard(q.device());
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
                                               window_left, window_right, scale);
@@ -97,23 +112,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
   return b.grads(k, v);
 }
 
-// A direct op call with CUDA tensors gets this error rather than "no kernel for CUDA".
-[[noreturn]] void local_attention_varlen_unsupported() {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fastattn: local_attention_varlen has no CUDA kernel yet; "
-                              "it runs on the CPU");
-}
-
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t, int64_t, int64_t, int64_t, double, double) {
-  local_attention_varlen_unsupported();
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
+    double softcap) {
+  check_varlen_qkv(q, k, v);
+  TORCH_CHECK(q.is_cuda(), "fastattn: expected CUDA tensors, got ", q.device());
+  TORCH_CHECK(cuda::supports_head_dim(q.size(2), /*backward=*/false),
+              "fastattn: CUDA local attention forward supports head dims 16, 32, 64, 96, 128, "
+              "256; got D=", q.size(2));
+  check_cuda_features(false, /*packed=*/true, softcap, /*backward=*/false);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [out, lse] = allocate_outputs(q);
+  // cu_seqlens on the GPU: their values are not read here (no sync); the kernels trust them.
+  const LocalAttentionParams p =
+      make_varlen_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, window_left, window_right, scale, softcap);
+  return run_forward(q, k, v, out, lse, p);
 }
 
+// A direct op call with CUDA tensors gets this error rather than "no kernel for CUDA".
 std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-    int64_t, int64_t, double, double) {
-  local_attention_varlen_unsupported();
+    int64_t, int64_t, double, double softcap) {
+  check_cuda_features(false, /*packed=*/true, softcap, /*backward=*/true);
+  return {};
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernel_switches.h"
 #include "cuda/tile_common.cuh"
@@ -59,7 +60,71 @@ struct FwdBlock {
     k = head_ptr<T>(p.k, p.k_strides, b, kvh);
     v = head_ptr<T>(p.v, p.v_strides, b, kvh);
   }
+
+  // The head's query rows (rows past them are zero-filled and not stored), its output rows
+  // and the lse index of query qi: what store_rows and FwdTiles ask of a block.
+  __device__ __forceinline__ int64_t query_rows(const LocalAttentionParams& p) const {
+    return p.seq_len;
+  }
+  __device__ __forceinline__ T* out_head(const LocalAttentionParams& p) const {
+    return static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
+  }
+  __device__ __forceinline__ int64_t lse_index(const LocalAttentionParams& p, int64_t qi) const {
+    return bh * p.seq_len + qi;
+  }
 };
+
+// FwdBlock for the calls the fast kernels do not take yet (issue 14): a KV cache (Lq != Lk,
+// queries bottom-right aligned), packed sequences (cu_seqlens), soft-capping. It walks one
+// Sequence (local_attention_params.h, the rule the CPU kernels follow too): q0 and the rows
+// are the sequence's own, and query i sits at key position i + offset.
+template <typename T>
+struct SeqFwdBlock {
+  int64_t h, kvh, q0, keys, lo, offset, lq, lse0;
+  int n_tiles;
+  const T *q, *k, *v;
+  T* out;
+
+  __device__ __forceinline__ SeqFwdBlock(const LocalAttentionParams& p, int64_t work,
+                                         int64_t q_tiles, int br, int bc) {
+    const int64_t tile = work % q_tiles, bh = work / q_tiles;
+    h = bh % p.heads;
+    const Sequence s = sequence(p, bh / p.heads);
+    kvh = kv_head(p, h);
+    keys = s.lk;
+    offset = s.offset;
+    lq = s.lq;
+    q0 = tile * br;
+    const int64_t first = q0 + offset - p.window_left;
+    lo = first > 0 ? first : 0;
+    const int64_t last = q0 + br - 1 + offset + p.window_right;
+    const int64_t hi = last < keys - 1 ? last : keys - 1;
+    n_tiles = q0 < lq && hi >= lo ? static_cast<int>((hi - lo + bc) / bc) : 0;
+    q = head_ptr<T>(p.q, p.q_strides, s.tb, h) + s.q0 * p.q_strides.seq;
+    k = head_ptr<T>(p.k, p.k_strides, s.tb, kvh) + s.k0 * p.k_strides.seq;
+    v = head_ptr<T>(p.v, p.v_strides, s.tb, kvh) + s.k0 * p.v_strides.seq;
+    out = static_cast<T*>(p.out) + s.tb * p.out_strides.batch + h * p.out_strides.head +
+          s.q0 * p.out_strides.seq;
+    lse0 = (s.tb * p.heads + h) * p.seq_len + s.q0;
+  }
+
+  __device__ __forceinline__ int64_t query_rows(const LocalAttentionParams&) const { return lq; }
+  __device__ __forceinline__ T* out_head(const LocalAttentionParams&) const { return out; }
+  __device__ __forceinline__ int64_t lse_index(const LocalAttentionParams&, int64_t qi) const {
+    return lse0 + qi;
+  }
+};
+
+// Query rows per sequence that the grid covers: the longest sequence's of a packed batch.
+inline int64_t grid_query_rows(const LocalAttentionParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.max_seqlen_q : p.seq_len;
+}
+
+// Whether a call needs SeqFwdBlock (the kSeq kernel): anything but one query per key row, no
+// cu_seqlens and no soft-capping.
+inline bool needs_sequence_kernel(const LocalAttentionParams& p) {
+  return p.cu_seqlens_q != nullptr || p.seq_len != p.key_seq_len || p.softcap > 0;
+}
 
 // The forward's shared-memory tiles: Q, and K/V in two stages (tile n in stage n % 2), in the
 // padded layout (row stride ld) or, with kSw128, the swizzled layout wgmma reads.
@@ -74,8 +139,9 @@ struct FwdTiles {
   __device__ __forceinline__ const T* k_stage(int n) const { return k + (n & 1) * kBc * kLd; }
   __device__ __forceinline__ const T* v_stage(int n) const { return v + (n & 1) * kBc * kLd; }
 
-  __device__ __forceinline__ void load_kv(const LocalAttentionParams& p, const FwdBlock<T>& blk,
-                                          int n, bool rows_aligned, int tid) {
+  template <class Block>
+  __device__ __forceinline__ void load_kv(const LocalAttentionParams& p, const Block& blk, int n,
+                                          bool rows_aligned, int tid) {
     const int64_t k0 = blk.lo + static_cast<int64_t>(n) * kBc;
     T* ks = k + (n & 1) * kBc * kLd;
     T* vs = v + (n & 1) * kBc * kLd;
@@ -85,17 +151,19 @@ struct FwdTiles {
                                            rows_aligned, tid);
   }
   // Q and the first K/V tile, as two cp.async groups.
-  __device__ __forceinline__ void start(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+  template <class Block>
+  __device__ __forceinline__ void start(const LocalAttentionParams& p, const Block& blk,
                                         bool rows_aligned, int tid) {
-    load_rows<T, D, kBr, kThreads, kSw128>(q, kLd, blk.q, p.q_strides.seq, blk.q0, p.seq_len,
-                                           rows_aligned, tid);
+    load_rows<T, D, kBr, kThreads, kSw128>(q, kLd, blk.q, p.q_strides.seq, blk.q0,
+                                           blk.query_rows(p), rows_aligned, tid);
     cp_async_commit();
     if (blk.n_tiles > 0) load_kv(p, blk, 0, rows_aligned, tid);
     cp_async_commit();
   }
   // Before tile n: prefetches tile n + 1 into the other stage and waits for tile n (and Q).
-  __device__ __forceinline__ void next(const LocalAttentionParams& p, const FwdBlock<T>& blk,
-                                       int n, bool rows_aligned, int tid) {
+  template <class Block>
+  __device__ __forceinline__ void next(const LocalAttentionParams& p, const Block& blk, int n,
+                                       bool rows_aligned, int tid) {
     if (n + 1 < blk.n_tiles) {
       load_kv(p, blk, n + 1, rows_aligned, tid);
       cp_async_commit();
@@ -108,11 +176,25 @@ struct FwdTiles {
 
 // The scores of one key tile for the two rows (w0 + g, w0 + g + 8) a lane holds, masked to the
 // band and key_lengths (-inf outside; nothing to do when the tile is interior to every row of
-// the warp) and, with kScale, multiplied by scale_log2 (base-2 units) on the way.
-template <int kBc, bool kScale>
+// the warp) and, with kScale, multiplied by scale_log2 (base-2 units) on the way. w0 is a key
+// position (a query row plus the block's offset where queries are bottom-right aligned).
+// kSoftcap (needs kScale): each scaled score x becomes softcap * tanh(x / softcap) first, in
+// base-2 units; tanhf, not tanh.approx, whose 2^-11 error float32 could not afford.
+template <int kBc, bool kScale, bool kSoftcap = false>
 __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalAttentionParams& p,
                                             int64_t keys, int64_t w0, int64_t k0,
                                             float scale_log2, int lane) {
+  if constexpr (kSoftcap) {
+    static_assert(kScale, "the cap applies to scaled scores");
+    const float softcap = static_cast<float>(p.softcap);
+    const float to_unit = static_cast<float>(p.scale) / softcap, to_log2 = softcap * kLog2e;
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = to_log2 * tanhf(s[i][e] * to_unit);
+    mask_scores<kBc, false>(s, p, keys, w0, k0, scale_log2, lane);
+    return;
+  }
   const int g = lane >> 2, t = lane & 3;
   const int64_t left = p.window_left, right = p.window_right;
   const bool interior = k0 >= w0 + 15 - left && k0 + kBc - 1 <= w0 + right && k0 + kBc - 1 < keys;
@@ -149,14 +231,15 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalA
 // kChains: the row max and the row sum are each kept in that many partial values, combined at
 // the end, instead of one serial chain of 2 kBc / 8 dependent FMNMX / FADD (for a consumer
 // warp that has no other warp to hide their latency behind; kernel-notes, v3i).
-template <int kBc, bool kFoldScale = false, int kChains = 1>
+template <int kBc, bool kFoldScale = false, int kChains = 1, bool kSoftcap = false>
 __device__ __forceinline__ void online_softmax(float (&s)[kBc / 8][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&correction)[2],
                                                const LocalAttentionParams& p, int64_t keys,
                                                int64_t w0, int64_t k0, float scale_log2,
                                                int lane) {
   static_assert((kBc / 8) % kChains == 0, "the tile's column pairs split evenly over chains");
-  mask_scores<kBc, !kFoldScale>(s, p, keys, w0, k0, scale_log2, lane);
+  static_assert(!(kSoftcap && kFoldScale), "soft-capping takes the default softmax");
+  mask_scores<kBc, !kFoldScale, kSoftcap>(s, p, keys, w0, k0, scale_log2, lane);
   // x - m in base-2 units (the compiler would keep a multiply-add by 1 as an FFMA).
   const auto shifted = [&](float x, float m, float m_scaled) {
     return kFoldScale ? fmaf(x, scale_log2, -m_scaled) : x - m;
@@ -207,42 +290,46 @@ __device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (
 }
 
 // online_softmax, then o rescaled.
-template <int kBc, int D>
+template <int kBc, int D, bool kSoftcap = false>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBc / 8][4], float (&o)[D / 8][4],
                                              float (&row_max)[2], float (&row_sum)[2],
                                              const LocalAttentionParams& p, int64_t keys,
                                              int64_t w0, int64_t k0, float scale_log2, int lane) {
   float correction[2];
-  online_softmax<kBc>(s, row_max, row_sum, correction, p, keys, w0, k0, scale_log2, lane);
+  online_softmax<kBc, false, 1, kSoftcap>(s, row_max, row_sum, correction, p, keys, w0, k0,
+                                          scale_log2, lane);
   rescale_rows<D>(o, correction);
 }
 
-// out = o / sum and lse for the lane's two rows (queries past L are not stored).
-template <class Ops, typename T, int D>
-__device__ __forceinline__ void store_rows(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+// out = o / sum and lse for the lane's two rows (queries past the head's rows are not stored).
+template <class Ops, typename T, int D, class Block>
+__device__ __forceinline__ void store_rows(const LocalAttentionParams& p, const Block& blk,
                                            const float (&o)[D / 8][4], const float (&row_max)[2],
                                            const float (&row_sum)[2], int64_t w0, int lane) {
   const int g = lane >> 2, t = lane & 3;
-  T* og = static_cast<T*>(p.out) + blk.b * p.out_strides.batch + blk.h * p.out_strides.head;
+  T* og = blk.out_head(p);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t qi = w0 + g + 8 * r;
     const float sum = quad_sum(row_sum[r]);
-    if (qi >= p.seq_len) continue;
+    if (qi >= blk.query_rows(p)) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     T* orow = og + qi * p.out_strides.seq + 2 * t;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) Ops::store2(orow + i * 8, o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
     if (t == 0) {
-      p.lse[blk.bh * p.seq_len + qi] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+      p.lse[blk.lse_index(p, qi)] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
     }
   }
 }
 
-template <typename T, int D>
+// kSeq: the general variant (SeqFwdBlock: KV cache, packed sequences, soft-capping), for the
+// calls the other kernels do not take.
+template <typename T, int D, bool kSeq = false>
 __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
     local_fwd_kernel(const LocalAttentionParams p, const int64_t q_tiles, const bool rows_aligned) {
   using Cfg = FwdConfig<T, D>;
+  using Block = std::conditional_t<kSeq, SeqFwdBlock<T>, FwdBlock<T>>;
   using Ops = typename OpsFor<T>::type;
   constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kLd = Cfg::kLd, kThreads = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -251,7 +338,10 @@ __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
   const T* sQ = tiles.q;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const FwdBlock<T> blk(p, blockIdx.x, q_tiles, kBr, kBc);
+  const Block blk(p, blockIdx.x, q_tiles, kBr, kBc);
+  if constexpr (kSeq) {
+    if (blk.q0 >= blk.lq) return;  // past a shorter sequence's queries: nothing to store
+  }
   tiles.start(p, blk, rows_aligned, tid);
 
   float o[D / 8][4];
@@ -259,6 +349,8 @@ __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t w0 = blk.q0 + warp * 16;  // this warp's first query
+  int64_t w0_position = w0;              // ... and its key position
+  if constexpr (kSeq) w0_position += blk.offset;
   typename Ops::A qf[Cfg::kQInRegs ? D / 16 : 1];
 
   for (int n = 0; n < blk.n_tiles; ++n) {
@@ -280,8 +372,13 @@ __global__ void __launch_bounds__(FwdConfig<T, D>::kThreads)
     } else {
       mma_smem_bt<Ops, kBc, D>(s, sQ, kLd, warp * 16, cK, kLd, lane);
     }
-    softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0,
-                         blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+    const int64_t k0 = blk.lo + static_cast<int64_t>(n) * kBc;
+    if (kSeq && p.softcap > 0) {
+      softmax_tile<kBc, D, kSeq>(s, o, row_max, row_sum, p, blk.keys, w0_position, k0, scale_log2,
+                                 lane);
+    } else {
+      softmax_tile<kBc, D>(s, o, row_max, row_sum, p, blk.keys, w0_position, k0, scale_log2, lane);
+    }
     mma_c_b<Ops, D, kBc>(o, s, cV, kLd, 0, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
@@ -393,7 +490,7 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const LocalAttentionParams& p, bool
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
-  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
+  const int64_t q_tiles = (grid_query_rows(p) + Cfg::kBr - 1) / Cfg::kBr;
   const int64_t blocks = q_tiles * p.batch * p.heads;
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, q_tiles,
                                                                              rows_aligned);
