@@ -13,17 +13,19 @@ from tests.tolerance import GRAD_FACTOR, assert_close_to_reference
 FLOORS = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make_qkv(batch, heads, seq_len, head_dim, dtype, device="cpu", layout="bhld", kv_heads=None):
+def make_qkv(batch, heads, seq_len, head_dim, dtype, device="cpu", layout="bhld", kv_heads=None,
+             kv_len=None):
     """Random q, k, v; layout "blhd" gives (B, H, L, D) views of (B, L, H, D) storage.
-    kv_heads: the heads of k and v (GQA / MQA), by default q's."""
-    def one(h):
+    kv_heads, kv_len: the heads and length of k and v (GQA / MQA, a KV cache), by default q's."""
+    def one(h, n):
         if layout == "blhd":
-            t = torch.randn(batch, seq_len, h, head_dim, device=device, dtype=dtype)
+            t = torch.randn(batch, n, h, head_dim, device=device, dtype=dtype)
             return t.transpose(1, 2)
-        return torch.randn(batch, h, seq_len, head_dim, device=device, dtype=dtype)
+        return torch.randn(batch, h, n, head_dim, device=device, dtype=dtype)
 
     kv_heads = heads if kv_heads is None else kv_heads
-    return one(heads), one(kv_heads), one(kv_heads)
+    kv_len = seq_len if kv_len is None else kv_len
+    return one(heads, seq_len), one(kv_heads, kv_len), one(kv_heads, kv_len)
 
 
 def check_against_reference(q, k, v, window, *, key_lengths=None, scale=None, softcap=None,

@@ -29,9 +29,7 @@ def _group_id(group):
 
 
 def _cache(batch, q_len, k_len, dtype, group=2):
-    q, _, _ = make_qkv(batch, HEADS, q_len, 16, dtype)
-    _, k, v = make_qkv(batch, HEADS, k_len, 16, dtype, kv_heads=HEADS // group)
-    return q, k, v
+    return make_qkv(batch, HEADS, q_len, 16, dtype, kv_heads=HEADS // group, kv_len=k_len)
 
 
 def _key_lengths(k_len):

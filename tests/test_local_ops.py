@@ -29,8 +29,8 @@ def device_variants():
 
 def _fwd_args(device, dtype=torch.float32, requires_grad=True, heads=(2, 2), variant="self"):
     q_len, softcap = VARIANTS[variant]
-    q, _, _ = make_qkv(2, heads[0], q_len, 16, dtype, device=device)
-    _, k, v = make_qkv(2, heads[0], 19, 16, dtype, device=device, kv_heads=heads[1])
+    q, k, v = make_qkv(2, heads[0], q_len, 16, dtype, device=device, kv_heads=heads[1],
+                       kv_len=19)
     q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
     key_lengths = torch.tensor([19, 11], dtype=torch.int32, device=device)
     args = (q, k, v, 3, 4, key_lengths, 0.25)
@@ -77,9 +77,8 @@ def test_compile_fullgraph_without_recompile(device, variant, heads):
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     for _ in range(2):  # same shapes, fresh data: one compilation only
-        q, _, _ = make_qkv(2, heads[0], q_len, 16, torch.float32, device=device)
-        _, k, v = make_qkv(2, heads[0], 23, 16, torch.float32, device=device, kv_heads=heads[1])
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        q, k, v = (t.requires_grad_() for t in make_qkv(
+            2, heads[0], q_len, 16, torch.float32, device=device, kv_heads=heads[1], kv_len=23))
         key_lengths = torch.tensor([23, 9], device=device)
         loss = compiled(q, k, v, key_lengths)
         loss.backward()

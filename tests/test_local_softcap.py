@@ -32,8 +32,7 @@ def _case_id(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_matches_reference(dtype, case):
     q_len, k_len, window, kv_heads, key_lengths, softcap = case
-    q, _, _ = make_qkv(3, HEADS, q_len, 16, dtype)
-    _, k, v = make_qkv(3, HEADS, k_len, 16, dtype, kv_heads=kv_heads)
+    q, k, v = make_qkv(3, HEADS, q_len, 16, dtype, kv_heads=kv_heads, kv_len=k_len)
     key_lengths = None if key_lengths is None else torch.tensor(key_lengths)
     check_against_reference(q, k, v, window, key_lengths=key_lengths, scale=1.0, softcap=softcap)
 

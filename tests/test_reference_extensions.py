@@ -91,8 +91,7 @@ def _case_id(case):
 @pytest.mark.parametrize("case", BATCHED, ids=_case_id)
 def test_batched_reference_equals_dense(case, kv_heads, softcap):
     q_len, k_len, window, key_lengths = case
-    q, _, _ = make_qkv(3, 4, q_len, 5, torch.float64)
-    _, k, v = make_qkv(3, 4, k_len, 5, torch.float64, kv_heads=kv_heads)
+    q, k, v = make_qkv(3, 4, q_len, 5, torch.float64, kv_heads=kv_heads, kv_len=k_len)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     key_lengths = None if key_lengths is None else torch.tensor(key_lengths)
     # chunk=2: chunks whose key range differs per batch (one offset each) and chunks that see
