@@ -131,3 +131,11 @@ def test_empty_cache_or_no_queries(shape):
     assert out.shape == q.shape and not out.any() and torch.isneginf(lse).all()
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
     assert not any(g.any() for g in grads)
+
+
+@pytest.mark.parametrize("window", [(70, 45), (130, 0)], ids=_window_id)
+def test_many_tiles_and_chunks(window):
+    """The CPU kernel's 32-row tiles and 64-key chunks, several of each, at an offset (keys -
+    Lq) that is not a multiple of either, per batch row."""
+    q, k, v = make_qkv(2, 2, 100, 40, torch.float32, kv_len=301)
+    check_against_reference(q, k, v, window, key_lengths=torch.tensor([301, 150]))
