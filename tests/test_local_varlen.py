@@ -14,7 +14,7 @@ HEADS = 4
 SEQUENCES = {
     # empty in q and k, queries without keys, Lq == Lk, decode, Lq > Lk (negative positions)
     "mixed": ([0, 5, 37, 1, 70, 3], [0, 0, 37, 50, 20, 3]),
-    # every sequence shorter than the windows below but the causal one
+    # 1 to 12 tokens: most windows below reach past both ends of every sequence
     "short": ([3, 9, 12, 1], [3, 9, 12, 1]),
     # chunks of queries at the end of longer key sequences, across tile and chunk boundaries
     "uneven": ([10, 33, 64], [77, 33, 100]),
