@@ -295,4 +295,19 @@ inline LocalAttentionBackward prepare_backward(
   });
 }
 
+// prepare_backward of a packed batch (local_attention_varlen_bwd).
+inline LocalAttentionBackward prepare_varlen_backward(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
+    double softcap) {
+  check_varlen_qkv(q, k, v);
+  return prepare_backward(grad_out, grad_lse, q, k, out, lse, [&](const at::Tensor& o,
+                                                                  const at::Tensor& l) {
+    return make_varlen_params(q, k, v, o, l, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, window_left, window_right, scale, softcap);
+  });
+}
+
 }  // namespace fastattn

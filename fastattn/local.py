@@ -39,7 +39,8 @@ def local_attention(q, k, v, window, *, key_lengths=None, scale=None, softcap=No
     softcap: ``c > 0`` replaces each scaled score ``s`` by ``c * tanh(s / c)`` before the
     softmax (Gemma 2's logit soft-capping), with its exact gradient; None: no capping.
 
-    On CUDA, Lq != Lk and softcap are not supported yet (NotImplementedError).
+    On CUDA, Lq != Lk and softcap run only with FASTATTN_UNVERIFIED_CUDA_FEATURES=1 until
+    their kernels have been verified on a GPU (NotImplementedError otherwise; README).
     """
     check_qkv(q, k, v, grouped_kv=True, kv_cache=True)
     left, right = check_window(window)

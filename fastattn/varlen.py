@@ -30,7 +30,8 @@ def local_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Returns out (Tq, H, D) and, with ``return_lse``, lse (H, Tq) float32 (FlashAttention's
     varlen layout). GQA / MQA, ``scale`` and ``softcap`` as in ``fastattn.local_attention``.
-    CPU only for now: CUDA tensors raise NotImplementedError.
+    On CUDA it runs only with FASTATTN_UNVERIFIED_CUDA_FEATURES=1 until its kernels have been
+    verified on a GPU (NotImplementedError otherwise; README).
     """
     check_varlen_qkv(q, k, v)
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.device)

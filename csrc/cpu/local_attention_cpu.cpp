@@ -67,12 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
     double softcap) {
-  check_varlen_qkv(q, k, v);
-  LocalAttentionBackward b = prepare_backward(
-      grad_out, grad_lse, q, k, out, lse, [&](const at::Tensor& o, const at::Tensor& l) {
-        return make_varlen_params(q, k, v, o, l, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, window_left, window_right, scale, softcap);
-      });
+  LocalAttentionBackward b = prepare_varlen_backward(
+      grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, window_left, window_right, scale, softcap);
   if (b.has_work) run_backward(b.params, q.scalar_type());
   return b.grads(k, v);
 }

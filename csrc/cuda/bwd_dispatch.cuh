@@ -1,6 +1,7 @@
 // Which backward kernel runs a call: the Hopper wgmma kernel (local_bwd_ws.cuh) for 16-bit
 // D in {64, 128} when TMA can describe q and grad_out, else the mma.sync kernel
-// (local_bwd.cuh); around either, the delta pre-pass and the dQ conversion.
+// (local_bwd.cuh); around either, the delta pre-pass and the dQ conversion. A KV cache, packed
+// sequences or soft-capping take the mma.sync kernel's general variant (kSeq), for now.
 #pragma once
 #include "cuda/local_bwd.cuh"
 #include "cuda/local_bwd_ws.cuh"
@@ -12,17 +13,22 @@ cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, fl
                          cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
     cudaError_t err = cudaSuccess;
-    if (rows_aligned && use_wgmma() && use_ws_backward() &&
+    if (!needs_sequence_kernel(p) && rows_aligned && use_wgmma() && use_ws_backward() &&
         launch_bwd_ws<T, D>(p, dq_accum, stream, &err)) {
       return err;
     }
   }
   using Cfg = BwdConfig<T, D>;
-  auto kernel = local_bwd_kernel<T, D>;
+  const bool general = needs_sequence_kernel(p);
+  auto kernel = general ? local_bwd_kernel<T, D, true> : local_bwd_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
-  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  // Key tiles per (sequence, head): of the longest sequence's keys in a packed batch.
+  const int64_t key_rows = !general ? p.seq_len
+                           : p.cu_seqlens_k != nullptr ? p.max_seqlen_k
+                                                       : p.key_seq_len;
+  const int64_t k_tiles = (key_rows + Cfg::kBc - 1) / Cfg::kBc;
   kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
       p, dq_accum, k_tiles, rows_aligned);
   return cudaGetLastError();
@@ -31,17 +37,18 @@ cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, fl
 template <typename T>
 cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, float* dq_accum,
                        cudaStream_t stream) {
-  const int64_t rows = p.batch * p.heads * p.seq_len;
+  const bool general = needs_sequence_kernel(p);
+  const int64_t rows = query_rows_of_tensors(p);
   const bool vector = rows_are_16_byte_chunks(p.grad_out, p.grad_out_strides, p.head_dim,
                                               sizeof(T)) &&
                       rows_are_16_byte_chunks(p.out, p.out_strides, p.head_dim, sizeof(T));
   // One 16-byte chunk a lane where rows allow: 8 lanes a row up to D = 64 (16-bit), 16 above.
   if (p.head_dim <= 64) {
-    local_bwd_delta_kernel<T, 8><<<static_cast<unsigned>((rows + 31) / 32), 256, 0, stream>>>(
-        p, dq_accum, vector);
+    auto delta = general ? local_bwd_delta_kernel<T, 8, true> : local_bwd_delta_kernel<T, 8>;
+    delta<<<static_cast<unsigned>((rows + 31) / 32), 256, 0, stream>>>(p, dq_accum, vector);
   } else {
-    local_bwd_delta_kernel<T, 16><<<static_cast<unsigned>((rows + 15) / 16), 256, 0, stream>>>(
-        p, dq_accum, vector);
+    auto delta = general ? local_bwd_delta_kernel<T, 16, true> : local_bwd_delta_kernel<T, 16>;
+    delta<<<static_cast<unsigned>((rows + 15) / 16), 256, 0, stream>>>(p, dq_accum, vector);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;

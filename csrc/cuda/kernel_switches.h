@@ -5,7 +5,8 @@
 // newer variant not yet measured faster: FASTATTN_WS_FWD_Q_WARP (the Hopper forward's Q loaded
 // by a producer warp of its own; measured no faster), FASTATTN_WS_FWD_CHAINS (its softmax's row
 // max and sum in 4 partial chains); and FASTATTN_WS_FWD_TRACE, a development aid (the Hopper
-// forward's cycles per phase printed, tools/fwd_trace.py).
+// forward's cycles per phase printed, tools/fwd_trace.py); FASTATTN_DISABLE_DECODE sends decode
+// calls (Lq != Lk, few queries) to the general forward instead of the decode kernel.
 // Read at each launch, so a CUDA graph records what was set at capture.
 #pragma once
 #include <cstdlib>

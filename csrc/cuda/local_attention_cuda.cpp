@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "cuda/kernel_switches.h"
 #include "cuda/local_attention_cuda.h"
@@ -32,24 +33,22 @@ cuda::DType kernel_dtype(const at::Tensor& q) {
 
 void check_cuda_inputs(const at::Tensor& q, bool backward) {
   TORCH_CHECK(q.is_cuda(), "fastattn: expected CUDA tensors, got ", q.device());
-  TORCH_CHECK(cuda::supports_head_dim(q.size(3), backward), "fastattn: CUDA local attention ",
+  TORCH_CHECK(cuda::supports_head_dim(q.size(-1), backward), "fastattn: CUDA local attention ",
               backward ? "backward" : "forward", " supports head dims 16, 32, 64, 96, 128",
-              backward ? "" : ", 256", "; got D=", q.size(3));
+              backward ? "" : ", 256", "; got D=", q.size(-1));
 }
 
 // A KV cache (Lq != Lk), packed sequences and soft-capping (issue 14). The CPU kernels take
-// them. On CUDA the forward takes them in the mma.sync kernel's general variant (kSeq), which
-// has compiled but not yet run on a GPU: until its tests have passed there it runs only where
-// FASTATTN_UNVERIFIED_CUDA_FEATURES=1 is set (the tests set it), and otherwise these calls
-// raise rather than risk a wrong answer. The CUDA backward does not take them yet.
+// them. On CUDA the mma.sync forward and backward take them in their general variants (kSeq),
+// which have compiled but not yet run on a GPU: until their tests have passed there they run
+// only where FASTATTN_UNVERIFIED_CUDA_FEATURES=1 is set (the tests set it), and otherwise
+// these calls raise rather than risk a wrong answer.
 constexpr const char* kUnverifiedSwitch = "FASTATTN_UNVERIFIED_CUDA_FEATURES";
 
-void check_cuda_features(bool kv_cache, bool packed, double softcap, bool backward) {
+void check_cuda_features(bool kv_cache, bool packed, double softcap) {
   if (!kv_cache && !packed && softcap == 0) return;
   const char* feature = packed ? "local_attention_varlen" : kv_cache ? "Lq != Lk (a KV cache)"
                                                                      : "softcap";
-  TORCH_CHECK_NOT_IMPLEMENTED(!backward, "fastattn: the CUDA backward does not take ", feature,
-                              " yet; the CPU kernels do");
   TORCH_CHECK_NOT_IMPLEMENTED(cuda::switch_set(kUnverifiedSwitch), "fastattn: ", feature,
                               " on CUDA has not been verified on a GPU yet; set ",
                               kUnverifiedSwitch, "=1 to run it anyway, or run on the CPU");
@@ -69,10 +68,51 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
                                                at::Tensor lse, const LocalAttentionParams& p) {
   if (no_work(q, k, out, lse)) return {out, lse};
   const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
-  C10_CUDA_CHECK(cuda::local_attention_fwd(p, kernel_dtype(q), aligned,
-                                           c10::cuda::getCurrentCUDAStream()));
+  const cuda::DType dtype = kernel_dtype(q);
+  const int64_t splits = cuda::decode_splits(p, dtype);
+  if (splits > 0) {
+    // Each split's normalised output and lse, merged by the decode's second pass.
+    at::Tensor part_out, part_lse;
+    if (splits > 1) {
+      part_out = at::empty({splits, q.numel()}, q.options().dtype(at::kFloat));
+      part_lse = at::empty({splits, lse.numel()}, q.options().dtype(at::kFloat));
+    }
+    C10_CUDA_CHECK(cuda::local_attention_decode(
+        p, dtype, aligned, splits, splits > 1 ? part_out.data_ptr<float>() : nullptr,
+        splits > 1 ? part_lse.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  } else {
+    C10_CUDA_CHECK(cuda::local_attention_fwd(p, dtype, aligned,
+                                             c10::cuda::getCurrentCUDAStream()));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            LocalAttentionBackward& b) {
+  if (!b.has_work) return b.grads(k, v);
+  // The float32 dQ scratch, zeroed by the delta pre-pass before the main kernel adds into it, in
+  // the order of lse's rows, by which the kernels index it: (B, H, L, D), or (H, Tq, D) for a
+  // packed batch, whose grad_q then takes that order too (the last pass writes it flat).
+  at::Tensor dq_accum;
+  if (q.dim() == 3) {
+    const std::vector<int64_t> heads_first = {q.size(1), q.size(0), q.size(2)};
+    dq_accum = at::empty(heads_first, q.options().dtype(at::kFloat));
+    b.grad_q = at::empty(heads_first, q.options()).transpose(0, 1);
+    b.params.grad_q = b.grad_q.data_ptr();
+    b.params.grad_q_strides = strides_of(b.grad_q);
+  } else {
+    dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  }
+  const bool aligned =
+      rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(b.grad_out);
+  C10_CUDA_CHECK(cuda::local_attention_bwd(b.params, kernel_dtype(q), aligned,
+                                           dq_accum.data_ptr<float>(),
+                                           c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return b.grads(k, v);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
@@ -81,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/false);
-  check_cuda_features(k.size(2) != q.size(2), false, softcap, /*backward=*/false);
+  check_cuda_features(k.size(2) != q.size(2), false, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse] = allocate_outputs(q);
   const LocalAttentionParams p =
@@ -96,20 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     double scale, double softcap) {
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_cuda_inputs(q, /*backward=*/true);
-  check_cuda_features(k.size(2) != q.size(2), false, softcap, /*backward=*/true);
+  check_cuda_features(k.size(2) != q.size(2), false, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   LocalAttentionBackward b = prepare_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
-                                              window_left, window_right, scale);
-  if (!b.has_work) return b.grads(k, v);
-  // Zeroed by the backward's delta pre-pass, before the main kernel adds into it.
-  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  const bool aligned =
-      rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(b.grad_out);
-  C10_CUDA_CHECK(cuda::local_attention_bwd(b.params, kernel_dtype(q), aligned,
-                                           dq_accum.data_ptr<float>(),
-                                           c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return b.grads(k, v);
+                                              window_left, window_right, scale, softcap);
+  return run_backward(q, k, v, b);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
@@ -118,11 +149,8 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
     double softcap) {
   check_varlen_qkv(q, k, v);
-  TORCH_CHECK(q.is_cuda(), "fastattn: expected CUDA tensors, got ", q.device());
-  TORCH_CHECK(cuda::supports_head_dim(q.size(2), /*backward=*/false),
-              "fastattn: CUDA local attention forward supports head dims 16, 32, 64, 96, 128, "
-              "256; got D=", q.size(2));
-  check_cuda_features(false, /*packed=*/true, softcap, /*backward=*/false);
+  check_cuda_inputs(q, /*backward=*/false);
+  check_cuda_features(false, /*packed=*/true, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse] = allocate_outputs(q);
   // cu_seqlens on the GPU: their values are not read here (no sync); the kernels trust them.
@@ -132,13 +160,20 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
   return run_forward(q, k, v, out, lse, p);
 }
 
-// A direct op call with CUDA tensors gets this error rather than "no kernel for CUDA".
 std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-    int64_t, int64_t, double, double softcap) {
-  check_cuda_features(false, /*packed=*/true, softcap, /*backward=*/true);
-  return {};
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double scale,
+    double softcap) {
+  check_varlen_qkv(q, k, v);
+  check_cuda_inputs(q, /*backward=*/true);
+  check_cuda_features(false, /*packed=*/true, softcap);
+  const c10::cuda::CUDAGuard guard(q.device());
+  LocalAttentionBackward b = prepare_varlen_backward(
+      grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, window_left, window_right, scale, softcap);
+  return run_backward(q, k, v, b);
 }
 
 }  // namespace

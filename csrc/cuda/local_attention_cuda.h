@@ -19,6 +19,17 @@ bool supports_head_dim(int64_t head_dim, bool backward);
 cudaError_t local_attention_fwd(const LocalAttentionParams& p, DType dtype, bool rows_aligned,
                                 cudaStream_t stream);
 
+// Decode (local_decode.cuh): into how many blocks the band of a call is split, or 0 where the
+// decode kernel does not take the call (it takes 16-bit, D <= 128, Lq != Lk with at most 64
+// query rows per kv head, no cu_seqlens; FASTATTN_DISABLE_DECODE=1 turns it off).
+int64_t decode_splits(const LocalAttentionParams& p, DType dtype);
+
+// part_out float32 (splits, B, H, Lq, D) and part_lse (splits, B, H, Lq) scratch where splits
+// > 1 (nullptr otherwise).
+cudaError_t local_attention_decode(const LocalAttentionParams& p, DType dtype, bool rows_aligned,
+                                   int64_t splits, float* part_out, float* part_lse,
+                                   cudaStream_t stream);
+
 // dq_accum: zeroed float32 (B, H, L, D) contiguous scratch; p.delta: (B, H, L) float32 scratch.
 cudaError_t local_attention_bwd(const LocalAttentionBwdParams& p, DType dtype, bool rows_aligned,
                                 float* dq_accum, cudaStream_t stream);

@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/tile_common.cuh"
 
@@ -53,6 +54,14 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 #endif
 }
 
+// Query rows of q's tensor, (B, H, L) or packed (1, H, T): those of lse, delta and the dQ
+// scratch.
+__host__ __device__ __forceinline__ int64_t query_rows_of_tensors(const LocalAttentionParams& p,
+                                                                  bool packed_possible = true) {
+  const int64_t batches = packed_possible && p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  return batches * p.heads * p.seq_len;
+}
+
 // What a backward block needs to know about its kBc keys and the queries that see them.
 struct BwdBlock {
   int64_t b, h, kvh, bh, k0, keys, qlo;  // kvh: the k / v head of query head h (GQA)
@@ -74,6 +83,53 @@ struct BwdBlock {
                                                                  : p.seq_len - 1;
     n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + bq) / bq) : 0;
   }
+
+  // The head's key rows whose dK / dV the block stores, and where they go.
+  __device__ __forceinline__ int64_t key_rows(const LocalAttentionParams& p) const {
+    return p.seq_len;
+  }
+  template <typename T>
+  __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
+    return static_cast<T*>(base) + b * s.batch + h * s.head;
+  }
+};
+
+// BwdBlock for the calls the fast kernels do not take yet (see SeqFwdBlock): a key tile of one
+// Sequence, key and query rows counted from the sequence's first, queries at key position
+// i + offset. lse0: the lse / delta / dQ-scratch row of the sequence's first query.
+struct SeqBwdBlock {
+  int64_t tb, h, kvh, k0, keys, k_rows, offset, lq, q_row0, k_row0, qlo, lse0;
+  int n_tiles;
+
+  __device__ __forceinline__ SeqBwdBlock(const LocalAttentionParams& p, int64_t work,
+                                         int64_t k_tiles, int bc, int bq) {
+    const int64_t tile = work % k_tiles, bh = work / k_tiles;
+    h = bh % p.heads;
+    const Sequence s = sequence(p, bh / p.heads);
+    tb = s.tb;
+    kvh = kv_head(p, h);
+    keys = s.lk;
+    k_rows = s.k_rows;
+    offset = s.offset;
+    lq = s.lq;
+    q_row0 = s.q0;
+    k_row0 = s.k0;
+    k0 = tile * bc;
+    // Queries that see one of the keys [k0, last_key]: key - right <= i + offset <= key + left.
+    const int64_t last_key = (k0 + bc < keys ? k0 + bc : keys) - 1;
+    const int64_t first_query = k0 - p.window_right - offset;
+    qlo = first_query > 0 ? first_query : 0;
+    const int64_t last_query = last_key + p.window_left - offset;
+    const int64_t qhi = last_query < lq - 1 ? last_query : lq - 1;
+    n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + bq) / bq) : 0;
+    lse0 = (tb * p.heads + h) * p.seq_len + q_row0;
+  }
+
+  __device__ __forceinline__ int64_t key_rows(const LocalAttentionParams&) const { return k_rows; }
+  template <typename T>
+  __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
+    return static_cast<T*>(base) + tb * s.batch + h * s.head + k_row0 * s.seq;
+  }
 };
 
 // One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
@@ -87,25 +143,30 @@ struct QueryStats {
     lse = value == -INFINITY ? INFINITY : value * kLog2e;
     delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
   }
+  // Row `index` of lse and delta, or a row past the queries (`valid` false).
+  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t index,
+                                        bool valid) {
+    const float value = valid ? p.lse[index] : -INFINITY;
+    lse = value == -INFINITY ? INFINITY : value * kLog2e;
+    delta = valid ? p.delta[index] : 0.f;
+  }
 };
 
-// dK (times the scale) and dV of the lane's two key rows (kw0 + g, kw0 + g + 8); rows past L
-// are not stored.
-template <class Ops, typename T, int D>
+// dK (times the scale) and dV of the lane's two key rows (kw0 + g, kw0 + g + 8); rows past the
+// head's key rows are not stored.
+template <class Ops, typename T, int D, class Block>
 __device__ __forceinline__ void store_key_rows(const LocalAttentionBwdParams& p,
-                                               const BwdBlock& blk, const float (&dk)[D / 8][4],
+                                               const Block& blk, const float (&dk)[D / 8][4],
                                                const float (&dv)[D / 8][4], int64_t kw0,
                                                int lane) {
   const int g = lane >> 2, t = lane & 3;
   const float scale = static_cast<float>(p.scale);
-  T* dkg = static_cast<T*>(p.grad_k) + blk.b * p.grad_k_strides.batch +
-           blk.h * p.grad_k_strides.head;
-  T* dvg = static_cast<T*>(p.grad_v) + blk.b * p.grad_v_strides.batch +
-           blk.h * p.grad_v_strides.head;
+  T* dkg = blk.template grad_head<T>(p.grad_k, p.grad_k_strides);
+  T* dvg = blk.template grad_head<T>(p.grad_v, p.grad_v_strides);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t kj = kw0 + g + 8 * r;
-    if (kj >= p.seq_len) continue;
+    if (kj >= blk.key_rows(p)) continue;
     T* krow = dkg + kj * p.grad_k_strides.seq + 2 * t;
     T* vrow = dvg + kj * p.grad_v_strides.seq + 2 * t;
 #pragma unroll
@@ -116,11 +177,32 @@ __device__ __forceinline__ void store_key_rows(const LocalAttentionBwdParams& p,
   }
 }
 
-template <typename T, int D>
+// Soft-capping in the backward (kSeq): s[i][e] holds P = exp2(c' t - lse) with c' = softcap
+// log2(e) and t = tanh(x / softcap) of the scaled score x. dS needs 1 - t^2, recovered from P
+// itself (t = (log2 P + lse) / c') instead of holding t in kBq / 2 more registers a thread;
+// where P = 0 the factor does not matter.
+template <int kBq>
+__device__ __forceinline__ void uncap_gradient(float (&ds)[kBq / 8][4],
+                                               const float (&prob)[kBq / 8][4],
+                                               const float* lse, float softcap_log2, int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kBq / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float unit = (log2f(prob[i][e]) + lse[i * 8 + 2 * t + (e & 1)]) / softcap_log2;
+      ds[i][e] = prob[i][e] > 0.f ? ds[i][e] * (1.f - unit * unit) : 0.f;
+    }
+}
+
+// kSeq: the general variant (SeqBwdBlock: KV cache, packed sequences, soft-capping), for the
+// calls the other kernels do not take.
+template <typename T, int D, bool kSeq = false>
 __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     local_bwd_kernel(const LocalAttentionBwdParams p, float* __restrict__ dq_accum,
                      const int64_t k_tiles, const bool rows_aligned) {
   using Cfg = BwdConfig<T, D>;
+  using Block = std::conditional_t<kSeq, SeqBwdBlock, BwdBlock>;
   using Ops = typename OpsFor<T>::type;
   constexpr int kBc = Cfg::kBc, kBq = Cfg::kBq, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
   constexpr int kThreads = Cfg::kThreads;
@@ -135,15 +217,35 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const BwdBlock blk(p, blockIdx.x, k_tiles, kBc, kBq);
-  const int64_t b = blk.b, h = blk.h, bh = blk.bh, keys = blk.keys, k0 = blk.k0, qlo = blk.qlo;
+  const Block blk(p, blockIdx.x, k_tiles, kBc, kBq);
+  if constexpr (kSeq) {
+    if (blk.k0 >= blk.k_rows) return;  // past a shorter sequence's keys: nothing to store
+  }
+  const int64_t h = blk.h, keys = blk.keys, k0 = blk.k0, qlo = blk.qlo;
   const int n_tiles = blk.n_tiles;
-  const int64_t L = p.seq_len, left = p.window_left, right = p.window_right;
-  const T* qg = head_ptr<T>(p.q, p.q_strides, b, h);
-  const T* kg = head_ptr<T>(p.k, p.k_strides, b, blk.kvh);
-  const T* vg = head_ptr<T>(p.v, p.v_strides, b, blk.kvh);
-  const T* dog = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h);
+  const int64_t left = p.window_left, right = p.window_right;
+  // The queries' rows, the first query's lse / delta / dQ-scratch row, and the query offset
+  // (queries sit at key position i + offset) of the kSeq variant; the defaults otherwise.
+  int64_t L = p.seq_len, stats0 = 0, offset = 0, b = 0, q_row0 = 0, k_row0 = 0;
+  if constexpr (kSeq) {
+    L = blk.lq;
+    stats0 = blk.lse0;
+    offset = blk.offset;
+    b = blk.tb;
+    q_row0 = blk.q_row0;
+    k_row0 = blk.k_row0;
+  } else {
+    b = blk.b;
+    stats0 = blk.bh * p.seq_len;
+  }
+  const T* qg = head_ptr<T>(p.q, p.q_strides, b, h) + q_row0 * p.q_strides.seq;
+  const T* kg = head_ptr<T>(p.k, p.k_strides, b, blk.kvh) + k_row0 * p.k_strides.seq;
+  const T* vg = head_ptr<T>(p.v, p.v_strides, b, blk.kvh) + k_row0 * p.v_strides.seq;
+  const T* dog = head_ptr<T>(p.grad_out, p.grad_out_strides, b, h) + q_row0 * p.grad_out_strides.seq;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const bool capped = kSeq && p.softcap > 0;
+  const float cap_unit = static_cast<float>(p.scale / p.softcap);  // read only where capped
+  const float cap_log2 = static_cast<float>(p.softcap) * kLog2e;
 
   auto load_q_tile = [&](int n) {
     const int64_t i0 = qlo + static_cast<int64_t>(n) * kBq;
@@ -153,7 +255,12 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     load_rows<T, D, kBq, kThreads>(sdO + st * kBq * kLd, kLd, dog, p.grad_out_strides.seq, i0, L,
                                    rows_aligned, tid);
     if (tid < kBq) {
-      const QueryStats stats(p, bh, i0 + tid);
+      QueryStats stats;
+      if constexpr (kSeq) {
+        stats = QueryStats(p, stats0 + i0 + tid, i0 + tid < L);
+      } else {
+        stats = QueryStats(p, blk.bh, i0 + tid);
+      }
       sLse[st * kBq + tid] = stats.lse;
       sDelta[st * kBq + tid] = stats.delta;
     }
@@ -187,20 +294,23 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     const float* cLse = sLse + st * kBq;
     const float* cDelta = sDelta + st * kBq;
     const int64_t i0 = qlo + static_cast<int64_t>(n) * kBq;
+    const int64_t p0 = i0 + offset;  // the tile's first query's key position
 
     // S^T = K Q^T (16 keys x kBq queries per warp).
     float s[kBq / 8][4];
     zero(s);
     mma_smem_bt<Ops, kBq, D>(s, sK, kLd, warp * 16, cQ, kLd, lane);
     // P^T; element (key kw0 + g + 8 (e >> 1), query i0 + 8 i + 2 t + (e & 1)).
-    const bool interior = kw0 >= i0 + kBq - 1 - left && kw0 + 15 <= i0 + right && kw0 + 15 < keys;
+    const bool interior = kw0 >= p0 + kBq - 1 - left && kw0 + 15 <= p0 + right && kw0 + 15 < keys;
 #pragma unroll
     for (int i = 0; i < kBq / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = i * 8 + 2 * t + (e & 1);
-        const float prob = exp2f(s[i][e] * scale_log2 - cLse[col]);
-        s[i][e] = interior || visible(i0 + col, kw0 + g + (e >> 1) * 8, left, right, keys) ? prob
+        // The scaled score in base-2 units; capped: softcap tanh(x / softcap) of it.
+        const float x = capped ? cap_log2 * tanhf(s[i][e] * cap_unit) : s[i][e] * scale_log2;
+        const float prob = exp2f(x - cLse[col]);
+        s[i][e] = interior || visible(p0 + col, kw0 + g + (e >> 1) * 8, left, right, keys) ? prob
                                                                                             : 0.f;
       }
     // dV += P^T dO.
@@ -213,6 +323,7 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     for (int i = 0; i < kBq / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[i][e] = s[i][e] * (ds[i][e] - cDelta[i * 8 + 2 * t + (e & 1)]);
+    if (capped) uncap_gradient<kBq>(ds, s, cLse, cap_log2, lane);
     // dK += dS^T Q (the scale is applied once at the end).
     mma_c_b<Ops, D, kBq>(dk, ds, cQ, kLd, 0, lane);
     // dS^T to shared memory, rows = keys, for the block-wide dQ product.
@@ -237,7 +348,7 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     for (int r = 0; r < 2; ++r) {
       const int64_t qi = i0 + wm * 16 + g + 8 * r;
       if (qi >= L) continue;
-      float* dst = dq_accum + (bh * L + qi) * D + wn * Cfg::kDn + 2 * t;
+      float* dst = dq_accum + (stats0 + qi) * D + wn * Cfg::kDn + 2 * t;
 #pragma unroll
       for (int i = 0; i < Cfg::kDn / 8; ++i) atomic_add2(dst + i * 8, dq[i][2 * r], dq[i][2 * r + 1]);
     }
@@ -252,7 +363,8 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
 // delta = rowsum(dO * O) - grad_lse, kLanes lanes a row; where every row of dO and O starts on a
 // 16-byte boundary (vector), each lane reads 16 bytes of both at a time. The same pass zeroes
 // the row's float32 dQ scratch, which the main kernel adds into.
-template <typename T, int kLanes>
+// kSeq: rows of a packed batch too (one tensor batch of p.seq_len rows, p.batch sequences).
+template <typename T, int kLanes, bool kSeq = false>
 __global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p,
                                        float* __restrict__ dq_accum, const bool vector) {
   static_assert(kLanes == 8 || kLanes == 16);
@@ -260,7 +372,7 @@ __global__ void local_bwd_delta_kernel(const LocalAttentionBwdParams p,
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
   const int lane = threadIdx.x % kLanes;
   const unsigned group = ((1u << kLanes) - 1) << ((threadIdx.x & 31) & ~(kLanes - 1));
-  const int64_t rows = p.batch * p.heads * p.seq_len;
+  const int64_t rows = query_rows_of_tensors(p, kSeq);
   if (row >= rows) return;
   const int64_t i = row % p.seq_len, bh = row / p.seq_len;
   const int64_t b = bh / p.heads, h = bh % p.heads;
