@@ -78,7 +78,7 @@ inline const int32_t* lengths_ptr(const c10::optional<at::Tensor>& lengths, cons
 }
 
 inline void check_softcap(double softcap) {
-  TORCH_CHECK(softcap >= 0 && softcap < std::numeric_limits<double>::infinity(),
+  TORCH_CHECK_VALUE(softcap >= 0 && softcap < std::numeric_limits<double>::infinity(),
               "fastattn: softcap must be finite and >= 0 (0 = off), got ", softcap);
 }
 
@@ -147,19 +147,19 @@ inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::T
                   cu.is_contiguous() && cu.device() == q.device(),
               "fastattn: ", name, " must be a contiguous int32 (N + 1,) tensor on q's device, "
               "got dtype ", cu.scalar_type(), " shape ", cu.sizes(), " on ", cu.device());
-  TORCH_CHECK(max_seqlen >= 0, "fastattn: ", max_name, " must be >= 0, got ", max_seqlen);
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "fastattn: ", max_name, " must be >= 0, got ", max_seqlen);
   if (!cu.is_cpu()) return;
   const int32_t* offsets = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0) - 1;
-  TORCH_CHECK(offsets[0] == 0, "fastattn: ", name, "[0] must be 0, got ", offsets[0]);
+  TORCH_CHECK_VALUE(offsets[0] == 0, "fastattn: ", name, "[0] must be 0, got ", offsets[0]);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t length = int64_t{offsets[i + 1]} - offsets[i];
-    TORCH_CHECK(length >= 0, "fastattn: ", name, " must be non-decreasing, got ", name, "[",
+    TORCH_CHECK_VALUE(length >= 0, "fastattn: ", name, " must be non-decreasing, got ", name, "[",
                 i, "]=", offsets[i], " > ", name, "[", i + 1, "]=", offsets[i + 1]);
-    TORCH_CHECK(length <= max_seqlen, "fastattn: ", max_name, "=", max_seqlen,
+    TORCH_CHECK_VALUE(length <= max_seqlen, "fastattn: ", max_name, "=", max_seqlen,
                 " is shorter than sequence ", i, " of ", name, " (", length, " rows)");
   }
-  TORCH_CHECK(offsets[n] == total, "fastattn: ", name, "[-1] must equal the rows of its tensor (",
+  TORCH_CHECK_VALUE(offsets[n] == total, "fastattn: ", name, "[-1] must equal the rows of its tensor (",
               total, "), got ", offsets[n]);
 }
 
@@ -171,7 +171,7 @@ inline LocalAttentionParams make_varlen_params(
   check_varlen_qkv(q, k, v);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, q.size(0), max_seqlen_q, "max_seqlen_q");
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, k.size(0), max_seqlen_k, "max_seqlen_k");
-  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
               "fastattn: cu_seqlens_q and cu_seqlens_k must have the same length (N + 1), got ",
               cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
   LocalAttentionParams p =

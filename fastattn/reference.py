@@ -29,29 +29,67 @@ def _key_limit(key_lengths, batch: int, seq_len: int, device) -> torch.Tensor:
     return key_lengths.to(device=device, dtype=torch.long).clamp(0, seq_len)
 
 
-def local_attention_reference(q, k, v, window, *, key_lengths=None, scale=None,
+def _capped(scores, softcap):
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def local_attention_reference(q, k, v, window, *, key_lengths=None, scale=None, softcap=None,
                               return_lse=False, chunk: int = 512):
-    """Same contract as ``fastattn.local_attention``; memory O(chunk x (chunk + window))."""
+    """Same contract as ``fastattn.local_attention``; memory O(chunk x (chunk + window)).
+
+    q (B, H, Lq, D), k and v (B, H_kv, Lk, D). Query i sits at key position i + offset[b]:
+    0 when Lq == Lk (self-attention, key_lengths only masks padding), else keys[b] - Lq
+    (bottom-right: the queries are the last Lq positions of a cache filled to keys[b]).
+    """
     left, right = window
-    batch, heads, seq_len, head_dim = q.shape
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
     if k.shape[1] != heads:  # GQA / MQA: a repeated copy is fine in the reference
         group = heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
-    limit = _key_limit(key_lengths, batch, seq_len, q.device).view(batch, 1, 1, 1)
+    keys = _key_limit(key_lengths, batch, k_len, q.device)
+    offset = torch.zeros_like(keys) if q_len == k_len else keys - q_len
+    first, last = (int(offset.min()), int(offset.max())) if batch else (0, 0)
+    keys, offset = keys.view(batch, 1, 1, 1), offset.view(batch, 1, 1, 1)
     outs, lses = [], []
-    for start in range(0, seq_len, chunk):
-        stop = min(seq_len, start + chunk)
-        k_lo, k_hi = max(0, start - left), min(seq_len, stop + right)
-        rows = torch.arange(start, stop, device=q.device).view(-1, 1)
-        cols = torch.arange(k_lo, k_hi, device=q.device).view(1, -1)
-        visible = (cols >= rows - left) & (cols <= rows + right) & (cols < limit)
-        scores = q[:, :, start:stop] @ k[:, :, k_lo:k_hi].transpose(-1, -2) * scale
+    for start in range(0, q_len if k_len else 0, chunk):
+        stop = min(q_len, start + chunk)
+        # The keys any batch's queries of this chunk can see, widened to one key at least so
+        # that a chunk seeing none still gets its (masked) row: out 0, lse -inf.
+        k_lo = min(k_len - 1, max(0, start + first - left))
+        k_hi = max(k_lo + 1, min(k_len, stop + last + right))
+        pos = torch.arange(start, stop, device=q.device).view(1, 1, -1, 1) + offset
+        cols = torch.arange(k_lo, k_hi, device=q.device).view(1, 1, 1, -1)
+        visible = (cols >= pos - left) & (cols <= pos + right) & (cols < keys)
+        scores = _capped(q[:, :, start:stop] @ k[:, :, k_lo:k_hi].transpose(-1, -2) * scale,
+                         softcap)
         weights, denom, lse = _masked_softmax_parts(scores, visible)
         outs.append((weights @ v[:, :, k_lo:k_hi]) / denom)
         lses.append(lse)
-    out = torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
-    lse = torch.cat(lses, dim=2) if lses else q.new_zeros(q.shape[:-1])
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:-1], v.shape[-1])
+    lse = torch.cat(lses, dim=2) if lses else q.new_full(q.shape[:-1], _NEG_INF)
+    return (out, lse) if return_lse else out
+
+
+def local_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window, *, scale=None,
+                                     softcap=None, return_lse=False):
+    """Same contract as ``fastattn.local_attention_varlen``: q (Tq, H, D), k and v (Tk, H_kv, D)
+    packed; one batched reference call per sequence. out (Tq, H, D), lse (H, Tq)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for q_lo, q_hi, k_lo, k_hi in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        # (l, H, D) rows of one sequence as a batch of one, (1, H, l, D).
+        one_q, one_k, one_v = (t[lo:hi].transpose(0, 1).unsqueeze(0)
+                               for t, lo, hi in ((q, q_lo, q_hi), (k, k_lo, k_hi), (v, k_lo, k_hi)))
+        out, lse = local_attention_reference(one_q, one_k, one_v, window, scale=scale,
+                                             softcap=softcap, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    heads = q.shape[1]
+    out = torch.cat(outs) if outs else q.new_zeros(0, heads, v.shape[-1])
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(heads, 0)
     return (out, lse) if return_lse else out
 
 
