@@ -140,7 +140,8 @@ inline void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 // cu_seqlens: int32 (N + 1,) on q's device, from 0 up to `total` rows, no sequence longer
-// than max_seqlen. The values are checked where they can be read without a device sync (CPU).
+// than max_seqlen. The values are checked here where they can be read without a device sync
+// (CPU); on a GPU fastattn.local_attention_varlen checks them before the op.
 inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q,
                              int64_t total, int64_t max_seqlen, const char* max_name) {
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 1 &&

@@ -138,3 +138,16 @@ def test_features_are_gated_until_verified(monkeypatch):
     for call in calls:
         with pytest.raises(NotImplementedError, match=SWITCH):
             call()
+
+
+def test_bad_offsets_raise_on_the_gpu(unverified):
+    q, k, v = (torch.randn(10, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    good = _cu([4, 6])
+    for bad, pattern in ((_cu([4, 5]), r"cu_seqlens_q\[-1\] must equal"),
+                         (torch.tensor([0, 7, 4, 10], dtype=torch.int32, device="cuda"),
+                          "non-decreasing")):
+        cu_k = good if bad.shape == good.shape else _cu([4, 0, 6])
+        with pytest.raises(ValueError, match=pattern):
+            fastattn.local_attention_varlen(q, k, v, bad, cu_k, 10, 10, (2, 0))
+    with pytest.raises(ValueError, match="max_seqlen_q=5 is shorter"):
+        fastattn.local_attention_varlen(q, k, v, good, good, 5, 10, (2, 0))

@@ -7,6 +7,7 @@ import torch
 
 import fastattn
 from fastattn import _ops
+from fastattn.varlen import check_offsets
 from tests.local_cases import check_varlen_against_reference
 
 HEADS = 4
@@ -243,3 +244,23 @@ def test_compile_fullgraph_without_recompile():
         for actual, eager in zip(grads, torch.autograd.grad(expected, eager_leaves), strict=True):
             torch.testing.assert_close(actual, eager)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "offsets, rows, max_seqlen, pattern",
+    [([1, 4, 10], 10, 6, r"cu_seqlens_q\[0\] must be 0, got 1"),
+     ([0, 7, 4, 10], 10, 7, r"must be non-decreasing, got cu_seqlens_q\[1\]=7 > cu_seqlens_q\[2\]=4"),
+     ([0, 4, 9], 10, 6, r"cu_seqlens_q\[-1\] must equal the rows of its tensor \(10\), got 9"),
+     ([0, 4, 10], 10, 5, r"max_seqlen_q=5 is shorter than sequence 1 of cu_seqlens_q \(6 rows\)")],
+    ids=["start", "decreasing", "end", "max_seqlen"])
+def test_gpu_side_offset_check_matches_the_cpu_glue(offsets, rows, max_seqlen, pattern):
+    """On a GPU the offsets are read back and checked in Python (varlen.check_offsets), with the
+    CPU glue's messages; the same bad offsets on the CPU raise the same error from C++."""
+    with pytest.raises(ValueError, match=pattern):
+        check_offsets("cu_seqlens_q", offsets, rows, "max_seqlen_q", max_seqlen)
+    q = torch.randn(rows, 2, 8)
+    k, v = torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu_k = torch.tensor([0] * (len(offsets) - 1) + [12], dtype=torch.int32)
+    with pytest.raises(ValueError, match=pattern):
+        fastattn.local_attention_varlen(q, k, v, torch.tensor(offsets, dtype=torch.int32), cu_k,
+                                        max_seqlen, 12, (2, 2))

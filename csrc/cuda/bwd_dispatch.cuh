@@ -63,8 +63,14 @@ cudaError_t launch_bwd(const LocalAttentionBwdParams& p, bool rows_aligned, floa
   if (err != cudaSuccess) return err;
   const int64_t n = rows * p.head_dim;
   const int64_t blocks = (n / 8 + 255) / 256 < 65536 ? (n / 8 + 255) / 256 : 65536;
-  local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
+  if (p.cu_seqlens_q != nullptr) {
+    local_bwd_dq_packed_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        dq_accum, static_cast<T*>(p.grad_q), n, p.seq_len, p.head_dim, p.grad_q_strides,
+        static_cast<float>(p.scale));
+  } else {
+    local_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        dq_accum, static_cast<T*>(p.grad_q), n, static_cast<float>(p.scale));
+  }
   return cudaGetLastError();
 }
 

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <vector>
 
 #include "cuda/kernel_switches.h"
 #include "cuda/local_attention_cuda.h"
@@ -95,17 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& q,
   if (!b.has_work) return b.grads(k, v);
   // The float32 dQ scratch, zeroed by the delta pre-pass before the main kernel adds into it, in
   // the order of lse's rows, by which the kernels index it: (B, H, L, D), or (H, Tq, D) for a
-  // packed batch, whose grad_q then takes that order too (the last pass writes it flat).
-  at::Tensor dq_accum;
-  if (q.dim() == 3) {
-    const std::vector<int64_t> heads_first = {q.size(1), q.size(0), q.size(2)};
-    dq_accum = at::empty(heads_first, q.options().dtype(at::kFloat));
-    b.grad_q = at::empty(heads_first, q.options()).transpose(0, 1);
-    b.params.grad_q = b.grad_q.data_ptr();
-    b.params.grad_q_strides = strides_of(b.grad_q);
-  } else {
-    dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  }
+  // packed batch (whose last pass writes grad_q back in q's (Tq, H, D) order).
+  const at::Tensor dq_accum =
+      q.dim() == 3 ? at::empty({q.size(1), q.size(0), q.size(2)}, q.options().dtype(at::kFloat))
+                   : at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const bool aligned =
       rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(b.grad_out);
   C10_CUDA_CHECK(cuda::local_attention_bwd(b.params, kernel_dtype(q), aligned,
@@ -153,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
   check_cuda_features(false, /*packed=*/true, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse] = allocate_outputs(q);
-  // cu_seqlens on the GPU: their values are not read here (no sync); the kernels trust them.
+  // cu_seqlens' values are not read here (a device sync): fastattn.local_attention_varlen
+  // checks them in eager mode; a direct op call is trusted, as FlashAttention trusts them.
   const LocalAttentionParams p =
       make_varlen_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, window_left, window_right, scale, softcap);

@@ -308,7 +308,8 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int col = i * 8 + 2 * t + (e & 1);
         // The scaled score in base-2 units; capped: softcap tanh(x / softcap) of it.
-        const float x = capped ? cap_log2 * tanhf(s[i][e] * cap_unit) : s[i][e] * scale_log2;
+        const float x =
+            capped ? cap_log2 * accurate_tanh(s[i][e] * cap_unit) : s[i][e] * scale_log2;
         const float prob = exp2f(x - cLse[col]);
         s[i][e] = interior || visible(p0 + col, kw0 + g + (e >> 1) * 8, left, right, keys) ? prob
                                                                                             : 0.f;
@@ -429,6 +430,24 @@ __global__ void local_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __res
     for (int v = 0; v < static_cast<int>(sizeof(out)) / 16; ++v) {
       reinterpret_cast<uint4*>(grad_q + 8 * c)[v] = reinterpret_cast<const uint4*>(out)[v];
     }
+  }
+}
+
+// The same for a packed batch, whose dQ scratch is in lse's row order (H, Tq, D) while grad_q
+// is q's (Tq, H, D) (any strides, contiguous D): 8 elements of one row a step.
+template <typename T>
+__global__ void local_bwd_dq_packed_kernel(const float* __restrict__ dq_accum,
+                                           T* __restrict__ grad_q, int64_t n, int64_t rows,
+                                           int64_t head_dim, TensorStrides grad_q_strides,
+                                           float scale) {
+  const int64_t steps = n / 8;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < steps;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = 8 * c / head_dim, col = 8 * c % head_dim;
+    const int64_t h = row / rows, i = row % rows;
+    T* dst = grad_q + h * grad_q_strides.head + i * grad_q_strides.seq + col;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = static_cast<T>(dq_accum[8 * c + e] * scale);
   }
 }
 

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int64_t key = k0 + 8 * i + 2 * t + (e & 1);
-        const float x = capped ? cap_log2 * tanhf(s[i][e] * cap_unit) : s[i][e] * scale_log2;
+        const float x = capped ? cap_log2 * accurate_tanh(s[i][e] * cap_unit) : s[i][e] * scale_log2;
         s[i][e] = real[r] && visible(position[r], key, p.window_left, p.window_right, blk.keys)
                       ? x
                       : -INFINITY;

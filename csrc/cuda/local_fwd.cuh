@@ -179,7 +179,7 @@ struct FwdTiles {
 // the warp) and, with kScale, multiplied by scale_log2 (base-2 units) on the way. w0 is a key
 // position (a query row plus the block's offset where queries are bottom-right aligned).
 // kSoftcap (needs kScale): each scaled score x becomes softcap * tanh(x / softcap) first, in
-// base-2 units; tanhf, not tanh.approx, whose 2^-11 error float32 could not afford.
+// base-2 units, with accurate_tanh (tile_common.cuh), not tanh.approx.
 template <int kBc, bool kScale, bool kSoftcap = false>
 __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalAttentionParams& p,
                                             int64_t keys, int64_t w0, int64_t k0,
@@ -191,7 +191,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBc / 8][4], const LocalA
 #pragma unroll
     for (int i = 0; i < kBc / 8; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = to_log2 * tanhf(s[i][e] * to_unit);
+      for (int e = 0; e < 4; ++e) s[i][e] = to_log2 * accurate_tanh(s[i][e] * to_unit);
     mask_scores<kBc, false>(s, p, keys, w0, k0, scale_log2, lane);
     return;
   }

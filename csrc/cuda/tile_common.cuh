@@ -13,6 +13,12 @@ namespace fastattn::cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// libdevice's tanh. Under --use_fast_math (the build's flag) nvcc turns tanhf into
+// tanh.approx.f32, whose relative error of 2^-11 float32 cannot afford (softcap's scores, and
+// their derivative 1 - tanh^2 in the backward); called by name, it stays the accurate one.
+extern "C" __device__ float __nv_tanhf(float);
+__device__ __forceinline__ float accurate_tanh(float x) { return __nv_tanhf(x); }
+
 __device__ __forceinline__ int64_t valid_keys(const LocalAttentionParams& p, int64_t b) {
   if (p.key_lengths == nullptr) return p.seq_len;
   const int64_t n = p.key_lengths[b];
