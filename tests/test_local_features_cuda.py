@@ -13,7 +13,7 @@ import torch
 
 import fastattn
 from tests.local_cases import check_against_reference, check_varlen_against_reference, make_qkv
-from tests.test_local_cuda import nan_padded, poisoned_allocator  # noqa: F401 (autouse)
+from tests.test_local_cuda import _nan_past, nan_padded, poisoned_allocator  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.cuda
 
@@ -74,6 +74,23 @@ def test_decode_of_one_sequence_splits_its_band(unverified):
     # One (batch, kv head): the band of 4097 keys is split over many blocks and merged.
     q, k, v = make_qkv(1, 8, 1, 128, torch.bfloat16, device="cuda", kv_heads=1, kv_len=5000)
     check_against_reference(q, k, v, (4096, 0), fn=_padded_call)
+
+
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["decode", "general"])
+def test_kv_cache_past_key_lengths_and_misaligned_rows(decode_kernel, unverified, monkeypatch):
+    """Keys and values of the cache past key_lengths hold NaN and must never reach out, lse or
+    a gradient; rows one element off 16 bytes take the element-by-element loads."""
+    if not decode_kernel:
+        monkeypatch.setenv("FASTATTN_DISABLE_DECODE", "1")
+    key_lengths = torch.tensor([700, 455, 0], device="cuda")
+    q, k, v = make_qkv(3, 4, 3, 64, torch.float16, device="cuda", kv_heads=2, kv_len=700)
+
+    def fn(q, k, v, window, **kwargs):
+        k, v = (nan_padded(_nan_past(t, key_lengths), extra=3, misalign=True) for t in (k, v))
+        return fastattn.local_attention(nan_padded(q, extra=3, misalign=True), k, v, window,
+                                        **kwargs)
+
+    check_against_reference(q, k, v, (300, 0), key_lengths=key_lengths, fn=fn)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 96])
