@@ -2,10 +2,11 @@
 the float64 reference: outputs, lse and gradients with random upstream gradients, on
 NaN-padded inputs; and the gate that keeps them off until they have passed on a GPU.
 
-These calls run in the mma.sync kernels' general variants (kSeq, local_fwd.cuh and
-local_bwd.cuh) and, for decode, in local_decode.cuh, all compiled without a GPU: until this
-file has passed on one, the CUDA glue runs them only where FASTATTN_UNVERIFIED_CUDA_FEATURES=1
-is set, as the ``unverified`` fixture does.
+These calls run in the general variants (kSeq) of the Hopper forward (local_fwd_ws.cuh) and of
+the mma.sync forward and backward (local_fwd.cuh, local_bwd.cuh) and, for decode, in
+local_decode.cuh, all compiled without a GPU: until this file has passed on one, the CUDA glue
+runs them only where FASTATTN_UNVERIFIED_CUDA_FEATURES=1 is set, as the ``unverified`` fixture
+does.
 """
 
 import pytest
@@ -24,6 +25,18 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.fixture
 def unverified(monkeypatch):
     monkeypatch.setenv(SWITCH, "1")
+
+
+# The forward of these calls: on Hopper (16-bit, D 64 / 128, aligned rows) the warp-specialized
+# kernel walking a SeqFwdBlock, else (and with FASTATTN_DISABLE_WS_SEQ=1) the mma.sync one.
+FORWARD_KERNELS = ["hopper", "mma_sync"]
+
+
+@pytest.fixture(params=FORWARD_KERNELS)
+def forward_kernel(request, monkeypatch):
+    if request.param == "mma_sync":
+        monkeypatch.setenv("FASTATTN_DISABLE_WS_SEQ", "1")
+    return request.param
 
 
 def _dtype_id(dtype):
@@ -47,7 +60,7 @@ KV_CACHE_CASES = [(1, (64, 0)), (7, (16, 16)), (150, (64, 0)), (333, (1000, 1000
 @pytest.mark.parametrize("case", KV_CACHE_CASES, ids=lambda c: f"Lq{c[0]}-w{c[1][0]}x{c[1][1]}")
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-def test_kv_cache(dtype, head_dim, case, unverified):
+def test_kv_cache(dtype, head_dim, case, unverified, forward_kernel):
     q_len, window = case
     q, k, v = make_qkv(3, 4, q_len, head_dim, dtype, device="cuda", kv_heads=2, kv_len=300)
     # Full, empty, and filled to inside a tile.
@@ -101,7 +114,7 @@ def test_kv_cache_other_head_dims(head_dim, unverified):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-def test_softcap(dtype, head_dim, unverified):
+def test_softcap(dtype, head_dim, unverified, forward_kernel):
     q, k, v = make_qkv(2, 4, 333, head_dim, dtype, device="cuda", kv_heads=2)
     q = (q.float() * 4).to(dtype)  # scores of a few units: a cap of 5 bends them
     key_lengths = torch.tensor([333, 100], device="cuda")
@@ -131,7 +144,7 @@ def _cu(lengths):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-def test_varlen(dtype, head_dim, unverified):
+def test_varlen(dtype, head_dim, unverified, forward_kernel):
     # Empty sequences (both sides, then queries without keys), decode-like, self-attention
     # longer than a tile, keys longer than queries (bottom-right).
     q_lens, k_lens = [0, 3, 1, 200, 77, 130], [0, 0, 50, 200, 300, 130]

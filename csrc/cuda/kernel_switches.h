@@ -6,7 +6,9 @@
 // by a producer warp of its own; measured no faster), FASTATTN_WS_FWD_CHAINS (its softmax's row
 // max and sum in 4 partial chains); and FASTATTN_WS_FWD_TRACE, a development aid (the Hopper
 // forward's cycles per phase printed, tools/fwd_trace.py); FASTATTN_DISABLE_DECODE sends decode
-// calls (Lq != Lk, few queries) to the general forward instead of the decode kernel.
+// calls (Lq != Lk, few queries) to the general forward instead of the decode kernel, and
+// FASTATTN_DISABLE_WS_SEQ the general forward's calls (KV cache, packed sequences, softcap) to
+// the mma.sync kernel instead of the Hopper one.
 // Read at each launch, so a CUDA graph records what was set at capture.
 #pragma once
 #include <cstdlib>

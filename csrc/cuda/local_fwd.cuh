@@ -72,6 +72,16 @@ struct FwdBlock {
   __device__ __forceinline__ int64_t lse_index(const LocalAttentionParams& p, int64_t qi) const {
     return bh * p.seq_len + qi;
   }
+  // For the Hopper forward's tensor copies: the tensors' batch index, the tensor rows of a query
+  // and of a key, the key position of query 0, and whether the keys past `keys` are real memory
+  // (key_lengths) that the copy of V must not take.
+  __device__ __forceinline__ int64_t tensor_batch() const { return b; }
+  __device__ __forceinline__ int64_t q_row(int64_t i) const { return i; }
+  __device__ __forceinline__ int64_t k_row(int64_t j) const { return j; }
+  __device__ __forceinline__ int64_t position_offset() const { return 0; }
+  __device__ __forceinline__ bool keys_end_in_memory(const LocalAttentionParams& p) const {
+    return keys < p.seq_len;
+  }
 };
 
 // FwdBlock for the calls the fast kernels do not take yet (issue 14): a KV cache (Lq != Lk,
@@ -80,7 +90,7 @@ struct FwdBlock {
 // are the sequence's own, and query i sits at key position i + offset.
 template <typename T>
 struct SeqFwdBlock {
-  int64_t h, kvh, q0, keys, lo, offset, lq, lse0;
+  int64_t h, kvh, q0, keys, lo, offset, lq, lse0, tb, q_row0, k_row0;
   int n_tiles;
   const T *q, *k, *v;
   T* out;
@@ -94,6 +104,9 @@ struct SeqFwdBlock {
     keys = s.lk;
     offset = s.offset;
     lq = s.lq;
+    tb = s.tb;
+    q_row0 = s.q0;
+    k_row0 = s.k0;
     q0 = tile * br;
     const int64_t first = q0 + offset - p.window_left;
     lo = first > 0 ? first : 0;
@@ -112,6 +125,14 @@ struct SeqFwdBlock {
   __device__ __forceinline__ T* out_head(const LocalAttentionParams&) const { return out; }
   __device__ __forceinline__ int64_t lse_index(const LocalAttentionParams&, int64_t qi) const {
     return lse0 + qi;
+  }
+  __device__ __forceinline__ int64_t tensor_batch() const { return tb; }
+  __device__ __forceinline__ int64_t q_row(int64_t i) const { return q_row0 + i; }
+  __device__ __forceinline__ int64_t k_row(int64_t j) const { return k_row0 + j; }
+  __device__ __forceinline__ int64_t position_offset() const { return offset; }
+  // Past a sequence's keys lie the next sequence's rows, or a cache's unfilled ones.
+  __device__ __forceinline__ bool keys_end_in_memory(const LocalAttentionParams&) const {
+    return true;
   }
 };
 

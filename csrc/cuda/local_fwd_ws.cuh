@@ -104,8 +104,8 @@ struct WsProgress {
 };
 
 // A query tile's Q, once the consumers are done with the tile that last used its buffer.
-template <typename T, int D, bool kQWarp>
-__device__ __forceinline__ void ws_produce_q(const FwdTensorMaps& maps, const FwdBlock<T>& blk,
+template <typename T, int D, bool kQWarp, class Block>
+__device__ __forceinline__ void ws_produce_q(const FwdTensorMaps& maps, const Block& blk,
                                              const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
                                              int lane) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
@@ -118,7 +118,8 @@ __device__ __forceinline__ void ws_produce_q(const FwdTensorMaps& maps, const Fw
 #pragma unroll
     for (int cb = 0; cb < D / 64; ++cb) {
       tma_load_4d(sm.q_buffer(slot) + cb * Cfg::kBr * 64, &maps.q, &sm.q_full[slot], cb * 64,
-                  static_cast<int>(blk.q0), static_cast<int>(blk.h), static_cast<int>(blk.b));
+                  static_cast<int>(blk.q_row(blk.q0)), static_cast<int>(blk.h),
+                  static_cast<int>(blk.tensor_batch()));
     }
   }
   ++at.q_tiles;
@@ -126,14 +127,13 @@ __device__ __forceinline__ void ws_produce_q(const FwdTensorMaps& maps, const Fw
 
 // The K / V producer warp, for one query tile: every K / V tile of the band through the ring
 // (and first the tile's Q, where no Q warp does that).
-template <typename T, int D, bool kQWarp>
+template <typename T, int D, bool kQWarp, class Block>
 __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const FwdTensorMaps& maps,
-                                           const FwdBlock<T>& blk,
-                                           const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
-                                           int lane) {
+                                           const Block& blk, const WsFwdSmem<T, D, kQWarp>& sm,
+                                           WsProgress& at, int lane) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages;
-  const int kvh = static_cast<int>(blk.kvh), b = static_cast<int>(blk.b);
+  const int kvh = static_cast<int>(blk.kvh), b = static_cast<int>(blk.tensor_batch());
   if constexpr (!kQWarp) ws_produce_q<T, D, kQWarp>(maps, blk, sm, at, lane);
   for (int n = 0; n < blk.n_tiles; ++n, ++at.kv_tiles) {
     const int stage = at.kv_tiles % kStages;
@@ -145,14 +145,14 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
       mbar_arrive_expect_tx(&sm.k_full[stage], Cfg::kTileBytes);
 #pragma unroll
       for (int cb = 0; cb < D / 64; ++cb) {
-        tma_load_4d(ks + cb * kBc * 64, &maps.k, &sm.k_full[stage], cb * 64, static_cast<int>(k0),
-                    kvh, b);
+        tma_load_4d(ks + cb * kBc * 64, &maps.k, &sm.k_full[stage], cb * 64,
+                    static_cast<int>(blk.k_row(k0)), kvh, b);
       }
     }
     // Keys in [key_lengths[b], L) are real memory that TMA would read: the tile that holds
     // that boundary is copied here, zeros past it (masked K rows need no such care: their
     // scores are replaced, not multiplied).
-    if (k0 + kBc > blk.keys && blk.keys < p.seq_len) {
+    if (k0 + kBc > blk.keys && blk.keys_end_in_memory(p)) {
       constexpr int kChunks = D / 8;
       for (int c = lane; c < kBc * kChunks; c += 32) {
         const int r = c / kChunks, chunk = c % kChunks;
@@ -170,8 +170,8 @@ __device__ __forceinline__ void ws_produce(const LocalAttentionParams& p, const 
       mbar_arrive_expect_tx(&sm.v_full[stage], Cfg::kTileBytes);
 #pragma unroll
       for (int cb = 0; cb < D / 64; ++cb) {
-        tma_load_4d(vs + cb * kBc * 64, &maps.v, &sm.v_full[stage], cb * 64, static_cast<int>(k0),
-                    kvh, b);
+        tma_load_4d(vs + cb * kBc * 64, &maps.v, &sm.v_full[stage], cb * 64,
+                    static_cast<int>(blk.k_row(k0)), kvh, b);
       }
     }
   }
@@ -204,14 +204,17 @@ enum FwdPhase {
 template <bool kTrace>
 using FwdTrace = PhaseTrace<kFwdPhases, kTrace>;
 
-template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace, int kChains>
-__device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const FwdBlock<T>& blk,
+// kSoftcap (with the exact softmax only): soft-capped scores (the calls of SeqFwdBlock).
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace, int kChains,
+          bool kSoftcap, class Block>
+__device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const Block& blk,
                                            const WsFwdSmem<T, D, kQWarp>& sm, WsProgress& at,
                                            FwdTrace<kTrace>& trace, int wg, int tid) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
   constexpr int kBc = Cfg::kBc, kStages = Cfg::kStages, kQBlock = Cfg::kBr * 64;
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t w0 = blk.q0 + 64 * wg + 16 * warp;  // this warp's first query
+  const int64_t w0_position = w0 + blk.position_offset();  // ... and its key position
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const int q_buf = q_slot<Cfg>(at.q_tiles);
   const T* q = sm.q_buffer(q_buf) + wg * 64 * 64;
@@ -247,8 +250,9 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
     wgmma_wait<0>();
     fence_accumulators(s);
     release_q_after(0);
-    online_softmax<kBc, kFoldScale, kChains>(s, row_max, row_sum, correction, p, blk.keys, w0, blk.lo,
-                                    scale_log2, lane);
+    online_softmax<kBc, kFoldScale, kChains, kSoftcap>(s, row_max, row_sum, correction, p,
+                                                       blk.keys, w0_position, blk.lo, scale_log2,
+                                                       lane);
     pack_probabilities<T, kBc>(pa, s);
     trace.mark(kFwdFirst);
 
@@ -272,8 +276,9 @@ __device__ __forceinline__ void ws_consume(const LocalAttentionParams& p, const 
       fence_accumulators(s);
       trace.mark(kFwdSReady);
       release_q_after(n);
-      online_softmax<kBc, kFoldScale, kChains>(s, row_max, row_sum, correction, p, blk.keys, w0,
-                                      blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
+      online_softmax<kBc, kFoldScale, kChains, kSoftcap>(
+          s, row_max, row_sum, correction, p, blk.keys, w0_position,
+          blk.lo + static_cast<int64_t>(n) * kBc, scale_log2, lane);
       trace.mark(kFwdSoftmax);
       wgmma_wait<0>();
       fence_accumulators(o);
@@ -330,12 +335,15 @@ __device__ void print_fwd_trace(const FwdTrace<kTrace>& trace, int d, bool q_war
 // blocks resident at one time hold neighbouring query tiles of a head (their bands overlap in
 // L2), and the producer loads the next tile's Q and K/V while the consumers store this one.
 // kChains: the softmax's row max and sum in that many partial chains (v3i: 4; 1 is v3g).
-template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace = false, int kChains = 1>
+// kSeq: the calls of SeqFwdBlock (KV cache, packed sequences), with kSoftcap where capped.
+template <typename T, int D, bool kFoldScale, bool kQWarp, bool kTrace = false, int kChains = 1,
+          bool kSeq = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(384, 1)
     local_fwd_ws_kernel(const __grid_constant__ LocalAttentionParams p,
                         const __grid_constant__ FwdTensorMaps maps, const int64_t q_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = WsFwdConfig<T, D, kQWarp>;
+  using Block = std::conditional_t<kSeq, SeqFwdBlock<T>, FwdBlock<T>>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -364,7 +372,7 @@ __global__ void __launch_bounds__(384, 1)
     // Warp 0 streams K / V (and Q, without kQWarp); warp 1 streams Q (kQWarp).
     if (tid < (kQWarp ? 64 : 32)) {
       for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
-        const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
+        const Block blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
         if (blk.n_tiles > 0) {
           if (!kQWarp || tid < 32) {
             ws_produce<T, D, kQWarp>(p, maps, blk, sm, at, tid % 32);
@@ -380,9 +388,9 @@ __global__ void __launch_bounds__(384, 1)
     trace.start();
     int rounds = 0, tiles = 0;
     for (int64_t work = blockIdx.x; work < work_items; work += gridDim.x) {
-      const FwdBlock<T> blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
-      ws_consume<T, D, kFoldScale, kQWarp, kTrace, kChains>(p, blk, sm, at, trace, warpgroup - 1,
-                                                            tid);
+      const Block blk(p, work, q_tiles, Cfg::kBr, Cfg::kBc);
+      ws_consume<T, D, kFoldScale, kQWarp, kTrace, kChains, kSoftcap>(p, blk, sm, at, trace,
+                                                                      warpgroup - 1, tid);
       rounds += blk.n_tiles > 1 ? blk.n_tiles - 1 : 0;
       tiles += blk.n_tiles > 0;
     }
@@ -399,16 +407,24 @@ __global__ void __launch_bounds__(384, 1)
 // The warp-specialized kernel is the default where it applies; FASTATTN_DISABLE_WS=1 takes the
 // one-warpgroup wgmma kernel instead (for comparison).
 inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
+// ... and for the calls of SeqFwdBlock, unless FASTATTN_DISABLE_WS_SEQ=1 (the mma.sync kSeq
+// kernel then takes them: for comparison, and to test both).
+inline bool use_ws_sequences() { return !switch_set("FASTATTN_DISABLE_WS_SEQ"); }
 
 // One launch of the persistent kernel: a block per SM at most, the shared memory of kQWarp's layout.
 // kTrace: the trace build, kChains > 1: v3i's softmax (both with the folded softmax only).
-template <typename T, int D, bool kQWarp, bool kTrace = false, int kChains = 1>
+// kSeq: the SeqFwdBlock kernel; kSoftcap: its soft-capped variant (exact softmax).
+template <typename T, int D, bool kQWarp, bool kTrace = false, int kChains = 1, bool kSeq = false,
+          bool kSoftcap = false>
 cudaError_t launch_fwd_ws_kernel(const LocalAttentionParams& p, const FwdTensorMaps& maps,
                                  bool folds, cudaStream_t stream) {
   using Cfg = WsFwdConfig<T, D, kQWarp>;
-  auto kernel = kTrace || kChains > 1 ? local_fwd_ws_kernel<T, D, true, kQWarp, kTrace, kChains>
-                : folds               ? local_fwd_ws_kernel<T, D, true, kQWarp>
-                                      : local_fwd_ws_kernel<T, D, false, kQWarp>;
+  auto kernel = local_fwd_ws_kernel<T, D, false, kQWarp, false, 1, kSeq, kSoftcap>;
+  if constexpr (kTrace || kChains > 1) {
+    kernel = local_fwd_ws_kernel<T, D, true, kQWarp, kTrace, kChains>;
+  } else if constexpr (!kSoftcap) {
+    if (folds) kernel = local_fwd_ws_kernel<T, D, true, kQWarp, false, 1, kSeq>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
@@ -417,25 +433,40 @@ cudaError_t launch_fwd_ws_kernel(const LocalAttentionParams& p, const FwdTensorM
       (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
     return err;
   }
-  const int64_t q_tiles = (p.seq_len + Cfg::kBr - 1) / Cfg::kBr;
+  const int64_t q_tiles = (grid_query_rows(p) + Cfg::kBr - 1) / Cfg::kBr;
   const int64_t blocks = std::min<int64_t>(q_tiles * p.batch * p.heads, sms);
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, q_tiles);
   return cudaGetLastError();
 }
 
 // Launches the warp-specialized forward if TMA can describe q, k and v; false otherwise.
-template <typename T, int D>
+// kSeq: for the calls of SeqFwdBlock (KV cache, packed sequences, soft-capping).
+template <typename T, int D, bool kSeq = false>
 bool launch_fwd_ws(const LocalAttentionParams& p, cudaStream_t stream, cudaError_t* err) {
   using Cfg = WsFwdConfig<T, D>;  // the tile shape does not depend on kQWarp
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // A packed batch is one tensor batch of T rows; its batch stride (0) is never used, and any
+  // non-zero one the copy engine accepts will do.
+  const int64_t batches = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  const auto strides = [&](TensorStrides s, int64_t rows) {
+    if (batches == 1 && s.batch == 0) s.batch = rows * s.seq;
+    return s;
+  };
   FwdTensorMaps maps;
-  if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
-                       Cfg::kBr) ||
-      !encode_head_map(&maps.k, p.k, kBf16, p.batch, p.kv_heads, p.seq_len, D, p.k_strides,
-                       Cfg::kBc) ||
-      !encode_head_map(&maps.v, p.v, kBf16, p.batch, p.kv_heads, p.seq_len, D, p.v_strides,
-                       Cfg::kBc)) {
+  if (!encode_head_map(&maps.q, p.q, kBf16, batches, p.heads, p.seq_len, D,
+                       strides(p.q_strides, p.seq_len), Cfg::kBr) ||
+      !encode_head_map(&maps.k, p.k, kBf16, batches, p.kv_heads, p.key_seq_len, D,
+                       strides(p.k_strides, p.key_seq_len), Cfg::kBc) ||
+      !encode_head_map(&maps.v, p.v, kBf16, batches, p.kv_heads, p.key_seq_len, D,
+                       strides(p.v_strides, p.key_seq_len), Cfg::kBc)) {
     return false;
+  }
+  if constexpr (kSeq) {
+    const bool folds = p.scale > 0.0 && p.softcap == 0 && !switch_set("FASTATTN_WS_FWD_EXACT");
+    *err = p.softcap > 0 ? launch_fwd_ws_kernel<T, D, false, false, 1, true, true>(p, maps, false,
+                                                                                    stream)
+                         : launch_fwd_ws_kernel<T, D, false, false, 1, true>(p, maps, folds, stream);
+    return true;
   }
   // The folded softmax needs a positive scale; FASTATTN_WS_FWD_EXACT=1 takes the exact one.
   // FASTATTN_WS_FWD_Q_WARP=1: Q by its own producer warp (v3h; the default once measured faster).
