@@ -1,7 +1,8 @@
 // Which backward kernel runs a call: the Hopper wgmma kernel (local_bwd_ws.cuh) for 16-bit
 // D in {64, 128} when TMA can describe q and grad_out, else the mma.sync kernel
-// (local_bwd.cuh); around either, the delta pre-pass and the dQ conversion. A KV cache, packed
-// sequences or soft-capping take the mma.sync kernel's general variant (kSeq), for now.
+// (local_bwd.cuh); around either, the delta pre-pass and the dQ conversion. A KV cache or packed
+// sequences take the same choice in their general variants (kSeq); soft-capping takes the
+// mma.sync one.
 #pragma once
 #include "cuda/local_bwd.cuh"
 #include "cuda/local_bwd_ws.cuh"
@@ -15,6 +16,12 @@ cudaError_t launch_bwd_d(const LocalAttentionBwdParams& p, bool rows_aligned, fl
     cudaError_t err = cudaSuccess;
     if (!needs_sequence_kernel(p) && rows_aligned && use_wgmma() && use_ws_backward() &&
         launch_bwd_ws<T, D>(p, dq_accum, stream, &err)) {
+      return err;
+    }
+    // A KV cache or packed sequences, not soft-capped (the Hopper backward has no cap).
+    if (needs_sequence_kernel(p) && p.softcap == 0 && rows_aligned && use_wgmma() &&
+        use_ws_backward() && use_ws_sequences() &&
+        launch_bwd_ws<T, D, true>(p, dq_accum, stream, &err)) {
       return err;
     }
   }

@@ -62,6 +62,26 @@ __host__ __device__ __forceinline__ int64_t query_rows_of_tensors(const LocalAtt
   return batches * p.heads * p.seq_len;
 }
 
+// One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
+// nothing) and rows past L become +inf, so that P = exp2(s - inf) = 0; delta past L is 0.
+struct QueryStats {
+  float lse = 0.f, delta = 0.f;
+
+  QueryStats() = default;
+  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t bh, int64_t i) {
+    const float value = i < p.seq_len ? p.lse[bh * p.seq_len + i] : -INFINITY;
+    lse = value == -INFINITY ? INFINITY : value * kLog2e;
+    delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
+  }
+  // Row `index` of lse and delta, or a row past the queries (`valid` false).
+  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t index,
+                                        bool valid) {
+    const float value = valid ? p.lse[index] : -INFINITY;
+    lse = value == -INFINITY ? INFINITY : value * kLog2e;
+    delta = valid ? p.delta[index] : 0.f;
+  }
+};
+
 // What a backward block needs to know about its kBc keys and the queries that see them.
 struct BwdBlock {
   int64_t b, h, kvh, bh, k0, keys, qlo;  // kvh: the k / v head of query head h (GQA)
@@ -92,13 +112,27 @@ struct BwdBlock {
   __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
     return static_cast<T*>(base) + b * s.batch + h * s.head;
   }
+  // For the Hopper backward: the tensors' batch index, the tensor row of query i (and of the
+  // block's first key row), the key position of query 0, query i's lse and delta, and the
+  // dQ scratch's head (its rows are q_row's). Also whether a query tile runs past the queries
+  // into rows of the tensor that are not this block's (never, here).
+  __device__ __forceinline__ int64_t tensor_batch() const { return b; }
+  __device__ __forceinline__ int64_t q_row(int64_t i) const { return i; }
+  __device__ __forceinline__ int64_t k_row0_of() const { return 0; }
+  __device__ __forceinline__ int64_t position_offset() const { return 0; }
+  __device__ __forceinline__ QueryStats stats(const LocalAttentionBwdParams& p, int64_t i) const {
+    return QueryStats(p, bh, i);
+  }
+  __device__ __forceinline__ int64_t dq_head() const { return bh; }
+  __device__ __forceinline__ bool overruns_queries(int64_t, int) const { return false; }
+  __device__ __forceinline__ int overruns_from(int64_t) const { return 0; }
 };
 
 // BwdBlock for the calls the fast kernels do not take yet (see SeqFwdBlock): a key tile of one
 // Sequence, key and query rows counted from the sequence's first, queries at key position
 // i + offset. lse0: the lse / delta / dQ-scratch row of the sequence's first query.
 struct SeqBwdBlock {
-  int64_t tb, h, kvh, k0, keys, k_rows, offset, lq, q_row0, k_row0, qlo, lse0;
+  int64_t tb, h, kvh, k0, keys, k_rows, offset, lq, q_row0, k_row0, qlo, lse0, dq_head_index;
   int n_tiles;
 
   __device__ __forceinline__ SeqBwdBlock(const LocalAttentionParams& p, int64_t work,
@@ -123,6 +157,7 @@ struct SeqBwdBlock {
     const int64_t qhi = last_query < lq - 1 ? last_query : lq - 1;
     n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + bq) / bq) : 0;
     lse0 = (tb * p.heads + h) * p.seq_len + q_row0;
+    dq_head_index = tb * p.heads + h;
   }
 
   __device__ __forceinline__ int64_t key_rows(const LocalAttentionParams&) const { return k_rows; }
@@ -130,25 +165,22 @@ struct SeqBwdBlock {
   __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
     return static_cast<T*>(base) + tb * s.batch + h * s.head + k_row0 * s.seq;
   }
-};
-
-// One query's lse (base 2) and delta as the backward reads them: lse = -inf (a query that sees
-// nothing) and rows past L become +inf, so that P = exp2(s - inf) = 0; delta past L is 0.
-struct QueryStats {
-  float lse = 0.f, delta = 0.f;
-
-  QueryStats() = default;
-  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t bh, int64_t i) {
-    const float value = i < p.seq_len ? p.lse[bh * p.seq_len + i] : -INFINITY;
-    lse = value == -INFINITY ? INFINITY : value * kLog2e;
-    delta = i < p.seq_len ? p.delta[bh * p.seq_len + i] : 0.f;
+  __device__ __forceinline__ int64_t tensor_batch() const { return tb; }
+  __device__ __forceinline__ int64_t q_row(int64_t i) const { return q_row0 + i; }
+  __device__ __forceinline__ int64_t k_row0_of() const { return k_row0; }
+  __device__ __forceinline__ int64_t position_offset() const { return offset; }
+  __device__ __forceinline__ QueryStats stats(const LocalAttentionBwdParams& p, int64_t i) const {
+    return QueryStats(p, lse0 + i, i < lq);
   }
-  // Row `index` of lse and delta, or a row past the queries (`valid` false).
-  __device__ __forceinline__ QueryStats(const LocalAttentionBwdParams& p, int64_t index,
-                                        bool valid) {
-    const float value = valid ? p.lse[index] : -INFINITY;
-    lse = value == -INFINITY ? INFINITY : value * kLog2e;
-    delta = valid ? p.delta[index] : 0.f;
+  __device__ __forceinline__ int64_t dq_head() const { return dq_head_index; }
+  // A tile of bq queries from i0 that runs past the sequence's last query holds rows that are
+  // not its own: the next sequence's, or rows past the tensor.
+  __device__ __forceinline__ bool overruns_queries(int64_t i0, int bq) const {
+    return i0 + bq > lq;
+  }
+  // The first row of such a tile (from i0) that is not the sequence's.
+  __device__ __forceinline__ int overruns_from(int64_t i0) const {
+    return static_cast<int>(lq - i0);
   }
 };
 

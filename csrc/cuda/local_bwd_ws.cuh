@@ -121,16 +121,16 @@ struct WsBwdSmem {
 };
 
 // The producer (one thread): every query tile of the band through the ring.
-template <typename T, int D, class Schedule>
-__device__ __forceinline__ void ws_bwd_produce(const BwdTensorMaps& maps, const BwdBlock& blk,
+template <typename T, int D, class Schedule, class Block>
+__device__ __forceinline__ void ws_bwd_produce(const BwdTensorMaps& maps, const Block& blk,
                                                const WsBwdSmem<T, D, Schedule>& sm) {
   using Cfg = WsBwdConfig<T, D, Schedule>;
   constexpr int kBq = Cfg::kBq, kStages = Cfg::kStages;
-  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.b);
+  const int h = static_cast<int>(blk.h), b = static_cast<int>(blk.tensor_batch());
   for (int n = 0; n < blk.n_tiles; ++n) {
     const int stage = n % kStages;
     if (n >= kStages) mbar_wait(&sm.empty[stage], ((n / kStages) - 1) & 1);
-    const int i0 = static_cast<int>(blk.qlo) + n * kBq;
+    const int i0 = static_cast<int>(blk.q_row(blk.qlo)) + n * kBq;
     mbar_arrive_expect_tx(&sm.full[stage], 2 * Cfg::kQBytes);
 #pragma unroll
     for (int cb = 0; cb < D / 64; ++cb) {
@@ -178,6 +178,18 @@ __device__ __forceinline__ void bwd_probabilities(float (&s)[kBq / 8][4], const 
       const int d = rel + (e >> 1) * 8 - i * 8 - (e & 1);
       s[i][e] = d >= lo && d <= hi && (e >> 1) * 8 < rows ? prob : 0.f;
     }
+  }
+}
+
+// Rows [first, kRows) of two swizzled (kRows x D) tiles set to zero by `threads` threads.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void zero_rows_from(T* a, T* b, int first, int tid, int threads) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks a row
+  for (int c = tid; c < (kRows - first) * kChunks; c += threads) {
+    const int r = first + c / kChunks, chunk = c % kChunks;
+    const int at = chunk_offset<T, kRows, true>(r, chunk, 0);
+    *reinterpret_cast<uint4*>(a + at) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(b + at) = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -274,16 +286,16 @@ struct DqHalfAdder {
 
 // The writer warp (kDqWriter): for every tile, both consumers' dQ halves as they are staged;
 // a buffer is handed back as soon as its reduce-add has read it.
-template <typename T, int D, class Schedule>
-__device__ __forceinline__ void ws_bwd_write_dq(const BwdTensorMaps& maps, const BwdBlock& blk,
+template <typename T, int D, class Schedule, class Block>
+__device__ __forceinline__ void ws_bwd_write_dq(const BwdTensorMaps& maps, const Block& blk,
                                                 const WsBwdSmem<T, D, Schedule>& sm, int lane) {
   constexpr int kBq = WsBwdConfig<T, D, Schedule>::kBq;
   if (blk.n_tiles == 0) return;
-  const int head = static_cast<int>(blk.bh);
+  const int head = static_cast<int>(blk.dq_head());
   named_arrive(dq_free_barrier(0), kWriterThreads);
   named_arrive(dq_free_barrier(1), kWriterThreads);
   for (int n = 0; n < blk.n_tiles; ++n) {
-    const int64_t i0 = blk.qlo + static_cast<int64_t>(n) * kBq;
+    const int64_t i0 = blk.q_row(blk.qlo) + static_cast<int64_t>(n) * kBq;  // a scratch row
 #pragma unroll
     for (int wg = 0; wg < 2; ++wg) {
       named_sync(dq_staged_barrier(wg), kWriterThreads);
@@ -304,9 +316,9 @@ __device__ __forceinline__ void ws_bwd_write_dq(const BwdTensorMaps& maps, const
 }
 
 // One consumer warpgroup (wg 0 or 1) over the whole band, then the dK / dV store.
-template <typename T, int D, class Schedule>
+template <typename T, int D, class Schedule, class Block>
 __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
-                                               const BwdTensorMaps& maps, const BwdBlock& blk,
+                                               const BwdTensorMaps& maps, const Block& blk,
                                                const WsBwdSmem<T, D, Schedule>& sm, int wg,
                                                int tid) {
   using Cfg = WsBwdConfig<T, D, Schedule>;
@@ -320,15 +332,17 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   zero(dk);
   zero(dv);
   if (blk.n_tiles > 0) {
-    const T* kg = head_ptr<T>(p.k, p.k_strides, blk.b, blk.kvh);
-    const T* vg = head_ptr<T>(p.v, p.v_strides, blk.b, blk.kvh);
+    const T* kg = head_ptr<T>(p.k, p.k_strides, blk.tensor_batch(), blk.kvh) +
+                  blk.k_row0_of() * p.k_strides.seq;
+    const T* vg = head_ptr<T>(p.v, p.v_strides, blk.tensor_batch(), blk.kvh) +
+                  blk.k_row0_of() * p.v_strides.seq;
     load_rows<T, D, kBc, kConsumers, true>(sm.k, 0, kg, p.k_strides.seq, blk.k0, blk.keys, true,
                                            ctid);
     load_rows<T, D, kBc, kConsumers, true>(sm.v, 0, vg, p.v_strides.seq, blk.k0, blk.keys, true,
                                            ctid);
     cp_async_commit();
     if (ctid < kBq) {
-      const QueryStats first(p, blk.bh, blk.qlo + ctid);
+      const QueryStats first = blk.stats(p, blk.qlo + ctid);
       sm.lse_of(0)[ctid] = first.lse;
       sm.delta_of(0)[ctid] = first.delta;
     }
@@ -341,7 +355,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   const T* v_rows = sm.v + wg * 64 * 64;
   const int m_block = dq_m_block<kBq>(wg), d_block = dq_d_block<kBq>(wg);
   const DqHalfAdder<Cfg::kDqWriter> dq_adder{&maps.dq, sm.dq_half(wg), wg, m_block, d_block,
-                                             static_cast<int>(blk.bh), tid == 0};
+                                             static_cast<int>(blk.dq_head()), tid == 0};
   // wait for the stage, S^T ready, softmax (+ dV issued), dP^T ready, dS^T (stored, dK
   // issued), barrier, dQ ready, dQ staged, the tile's products done.
   enum Phase { kWaitStage, kS, kSoftmax, kDp, kDs, kBarrier, kDq, kStage, kDone, kPhases };
@@ -354,11 +368,19 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     // The next tile's lse and delta, stored before this tile's barrier (their buffer was last
     // read two tiles ago, before the previous barrier).
     const bool stats_loader = ctid < kBq && n + 1 < blk.n_tiles;
-    const QueryStats next = stats_loader ? QueryStats(p, blk.bh, i0 + kBq + ctid) : QueryStats();
+    const QueryStats next = stats_loader ? blk.stats(p, i0 + kBq + ctid) : QueryStats();
     mbar_wait(&sm.full[stage], (n / kStages) & 1);
     trace.mark(kWaitStage);
     const T* q = sm.q_stage(stage);
     const T* dout = sm.do_stage(stage);
+    if (blk.overruns_queries(i0, kBq)) {
+      // The tile's rows past the sequence's queries are another sequence's: P^T and dS^T are 0
+      // there, but 0 x NaN is NaN in dV += P^T dO and dK += dS^T Q, so they become zeros first.
+      zero_rows_from<T, D, kBq>(sm.q_stage(stage), sm.do_stage(stage), blk.overruns_from(i0),
+                                ctid, kConsumers);
+      fence_proxy_async();
+      named_sync(kConsumerBarrier, kConsumers);
+    }
 
     float s[kBq / 8][4], dp[kBq / 8][4];
     wgmma_fence();
@@ -370,7 +392,8 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
     wgmma_wait<Cfg::kDvOverlap ? 1 : 0>();
     fence_accumulators(s);
     trace.mark(kS);
-    bwd_probabilities<kBq>(s, sm.lse_of(n), p, blk.keys, kw0, i0, scale_log2, lane);
+    bwd_probabilities<kBq>(s, sm.lse_of(n), p, blk.keys, kw0, i0 + blk.position_offset(),
+                           scale_log2, lane);
     uint32_t pa[kBq / 16][4];
     if constexpr (Cfg::kDvOverlap) {
       pack_probabilities<T, kBq>(pa, s);
@@ -429,7 +452,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       wgmma_wait<0>();
       fence_accumulators(dq);
       release_stage();
-      dq_adder.add(dq, i0, warp, lane);
+      dq_adder.add(dq, blk.q_row(i0), warp, lane);
     } else {
       if constexpr (kOrder == BwdOrder::kDkAfterDq) wgmma_pv<T, D, kBq>(dk, dsa, q);
       if constexpr (kOrder == BwdOrder::kSplitDk) wgmma_pv<T, 64, kBq>(dk_hi, dsa, q + kBq * 64);
@@ -437,7 +460,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       wgmma_wait<1>();  // dQ is ready; dK still runs while dQ is staged
       fence_accumulators(dq);
       trace.mark(kDq);
-      dq_adder.add(dq, i0, warp, lane);
+      dq_adder.add(dq, blk.q_row(i0), warp, lane);
       trace.mark(kStage);
       wgmma_wait<0>();
       release_stage();
@@ -460,18 +483,23 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   store_key_rows<HalfOps<T>, T, D>(p, blk, dk, dv, kw0, lane);
 }
 
-template <typename T, int D, class Schedule>
+// kSeq: the calls of SeqBwdBlock (KV cache, packed sequences; not soft-capping).
+template <typename T, int D, class Schedule, bool kSeq = false>
 __global__ void __launch_bounds__(384, 1)
     local_bwd_ws_kernel(const __grid_constant__ LocalAttentionBwdParams p,
                         const __grid_constant__ BwdTensorMaps maps, const int64_t k_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = WsBwdConfig<T, D, Schedule>;
+  using Block = std::conditional_t<kSeq, SeqBwdBlock, BwdBlock>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // The swizzle pattern is a function of the shared address: atoms must be 1024-byte aligned.
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const WsBwdSmem<T, D, Schedule> sm(base);
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
-  const BwdBlock blk(p, blockIdx.x, k_tiles, Cfg::kBc, Cfg::kBq);
+  const Block blk(p, blockIdx.x, k_tiles, Cfg::kBc, Cfg::kBq);
+  if constexpr (kSeq) {
+    if (blk.k0 >= blk.k_rows) return;  // past a shorter sequence's keys: nothing to store
+  }
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(&maps.q);
     tma_prefetch_descriptor(&maps.dout);
@@ -500,15 +528,19 @@ __global__ void __launch_bounds__(384, 1)
 // mma.sync backward instead (for comparison).
 inline bool use_ws_backward() { return !switch_set("FASTATTN_DISABLE_WS_BWD"); }
 
-template <typename T, int D, class Schedule>
+template <typename T, int D, class Schedule, bool kSeq = false>
 cudaError_t launch_bwd_ws_kernel(const LocalAttentionBwdParams& p, const BwdTensorMaps& maps,
                                  cudaStream_t stream) {
   using Cfg = WsBwdConfig<T, D, Schedule>;
-  auto kernel = local_bwd_ws_kernel<T, D, Schedule>;
+  auto kernel = local_bwd_ws_kernel<T, D, Schedule, kSeq>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmem));
   if (err != cudaSuccess) return err;
-  const int64_t k_tiles = (p.seq_len + Cfg::kBc - 1) / Cfg::kBc;
+  // Key tiles per (sequence, head): of the longest sequence's keys in a packed batch.
+  const int64_t key_rows = !kSeq ? p.seq_len
+                           : p.cu_seqlens_k != nullptr ? p.max_seqlen_k
+                                                       : p.key_seq_len;
+  const int64_t k_tiles = (key_rows + Cfg::kBc - 1) / Cfg::kBc;
   kernel<<<static_cast<unsigned>(k_tiles * p.batch * p.heads), Cfg::kThreads, Cfg::kSmem, stream>>>(
       p, maps, k_tiles);
   return cudaGetLastError();
@@ -535,18 +567,30 @@ cudaError_t launch_bwd_ws_order(BwdOrder order, const LocalAttentionBwdParams& p
 // comparison): FASTATTN_WS_BWD_LOCKSTEP or FASTATTN_WS_BWD_DK_AFTER_DQ (the order),
 // FASTATTN_WS_BWD_NO_DQ_WRITER (the consumers' leaders issue the reduce-adds);
 // FASTATTN_WS_BWD_TRACE prints per-phase cycle counts (bfloat16, the default schedule).
-template <typename T, int D>
+// kSeq: for the calls of SeqBwdBlock (KV cache, packed sequences), in the default schedule.
+template <typename T, int D, bool kSeq = false>
 bool launch_bwd_ws(const LocalAttentionBwdParams& p, float* dq_accum, cudaStream_t stream,
                    cudaError_t* err) {
   using Cfg = WsBwdConfig<T, D>;  // kBq does not depend on the schedule
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // A packed batch is one tensor batch of T rows; its batch stride (0) is never used, and any
+  // non-zero one the copy engine accepts will do.
+  const int64_t batches = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  const auto strides = [&](TensorStrides s) {
+    if (batches == 1 && s.batch == 0) s.batch = p.seq_len * s.seq;
+    return s;
+  };
   BwdTensorMaps maps;
-  if (!encode_head_map(&maps.q, p.q, kBf16, p.batch, p.heads, p.seq_len, D, p.q_strides,
-                       Cfg::kBq) ||
-      !encode_head_map(&maps.dout, p.grad_out, kBf16, p.batch, p.heads, p.seq_len, D,
-                       p.grad_out_strides, Cfg::kBq) ||
-      !encode_dq_map(&maps.dq, dq_accum, p.batch * p.heads, p.seq_len, D, 64)) {
+  if (!encode_head_map(&maps.q, p.q, kBf16, batches, p.heads, p.seq_len, D,
+                       strides(p.q_strides), Cfg::kBq) ||
+      !encode_head_map(&maps.dout, p.grad_out, kBf16, batches, p.heads, p.seq_len, D,
+                       strides(p.grad_out_strides), Cfg::kBq) ||
+      !encode_dq_map(&maps.dq, dq_accum, batches * p.heads, p.seq_len, D, 64)) {
     return false;
+  }
+  if constexpr (kSeq) {
+    *err = launch_bwd_ws_kernel<T, D, WsBwdDefaultSchedule, true>(p, maps, stream);
+    return true;
   }
   using Order = BwdOrder;
   const Order order = switch_set("FASTATTN_WS_BWD_LOCKSTEP")      ? Order::kLockstep

@@ -147,6 +147,10 @@ inline bool needs_sequence_kernel(const LocalAttentionParams& p) {
   return p.cu_seqlens_q != nullptr || p.seq_len != p.key_seq_len || p.softcap > 0;
 }
 
+// The Hopper kernels take those calls too (their kSeq variants), unless
+// FASTATTN_DISABLE_WS_SEQ=1 gives them to the mma.sync ones (for comparison, and to test both).
+inline bool use_ws_sequences() { return !switch_set("FASTATTN_DISABLE_WS_SEQ"); }
+
 // The forward's shared-memory tiles: Q, and K/V in two stages (tile n in stage n % 2), in the
 // padded layout (row stride ld) or, with kSw128, the swizzled layout wgmma reads.
 template <typename T, int D, int kBr, int kBc, int kThreads, bool kSw128>

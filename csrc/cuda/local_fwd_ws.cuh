@@ -407,9 +407,6 @@ __global__ void __launch_bounds__(384, 1)
 // The warp-specialized kernel is the default where it applies; FASTATTN_DISABLE_WS=1 takes the
 // one-warpgroup wgmma kernel instead (for comparison).
 inline bool use_ws_forward() { return !switch_set("FASTATTN_DISABLE_WS"); }
-// ... and for the calls of SeqFwdBlock, unless FASTATTN_DISABLE_WS_SEQ=1 (the mma.sync kSeq
-// kernel then takes them: for comparison, and to test both).
-inline bool use_ws_sequences() { return !switch_set("FASTATTN_DISABLE_WS_SEQ"); }
 
 // One launch of the persistent kernel: a block per SM at most, the shared memory of kQWarp's layout.
 // kTrace: the trace build, kChains > 1: v3i's softmax (both with the folded softmax only).
