@@ -156,6 +156,41 @@ def test_varlen(dtype, head_dim, unverified, forward_kernel):
                                        softcap=softcap, max_seqlen=(256, 300))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_neighbours_never_leak(head_dim, unverified, forward_kernel):
+    """Sequences whose correct results do not depend on their non-finite rows sit between real
+    ones: queries without keys (NaN q: out 0, lse -inf, grad 0) and keys without queries (NaN k
+    and v: no effect, grads 0). A real sequence's tiles run into their rows (TMA loads what
+    lies past a sequence), and nothing of them may reach its out, lse or gradients."""
+    q_lens, k_lens = [70, 5, 0, 130, 0], [200, 0, 30, 130, 40]
+    q = _packed(q_lens, 4, head_dim, torch.bfloat16)
+    k, v = (_packed(k_lens, 2, head_dim, torch.bfloat16) for _ in range(2))
+    cu_q, cu_k = _cu(q_lens), _cu(k_lens)
+    with torch.no_grad():
+        q[70:75] = float("nan")        # the second sequence's queries (it has no keys)
+        k[200:230] = float("inf")      # the third sequence's keys and values (it has no queries)
+        v[200:230] = float("nan")
+        k[360:400] = float("nan")      # the last sequence's keys and values, past the real ones
+        v[360:400] = float("nan")
+    check_varlen_against_reference(q, k, v, cu_q, cu_k, (64, 0))
+    check_varlen_against_reference(q, k, v, cu_q, cu_k, (1000, 1000))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kv_cache_nan_past_key_lengths_aligned(head_dim, unverified, forward_kernel):
+    """As test_kv_cache_past_key_lengths_and_misaligned_rows on aligned rows, so that the Hopper
+    kernels (their V tile holding the last key is copied with zeros past it) see the NaN."""
+    key_lengths = torch.tensor([700, 455, 0], device="cuda")
+    q, k, v = make_qkv(3, 4, 150, head_dim, torch.bfloat16, device="cuda", kv_heads=2,
+                       kv_len=700)
+
+    def fn(q, k, v, window, **kwargs):
+        return fastattn.local_attention(q, _nan_past(k, key_lengths), _nan_past(v, key_lengths),
+                                        window, **kwargs)
+
+    check_against_reference(q, k, v, (300, 0), key_lengths=key_lengths, fn=fn)
+
+
 def test_features_are_gated_until_verified(monkeypatch):
     monkeypatch.delenv(SWITCH, raising=False)
     q, k, v = make_qkv(1, 2, 10, 64, torch.bfloat16, device="cuda")

@@ -230,6 +230,20 @@ __device__ __forceinline__ void stage_dq_half(float* dq, const float (&acc)[8][4
     }
 }
 
+// The rows of a consumer's dQ half (accumulator fragments) from `valid` on set to 0: on a tile
+// that runs past a sequence's last query, those rows are the next sequence's, and their dS^T is
+// 0, but 0 x NaN (a non-finite K of this sequence) is NaN.
+__device__ __forceinline__ void zero_dq_rows_from(float (&acc)[8][4], int valid, int warp,
+                                                  int lane) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (16 * warp + g + 8 * r >= valid) acc[j][2 * r] = acc[j][2 * r + 1] = 0.f;
+    }
+}
+
 // Named barriers: 1 between the two consumers (dS^T in place); per consumer wg, 2 + wg among
 // its own warps (no writer warp), or 2 + wg "dQ half staged" and 4 + wg "staging buffer free"
 // between it and the writer warp (128 + 32 threads).
@@ -448,10 +462,16 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.empty[stage]);
     };
+    auto drop_foreign_rows = [&] {
+      if (blk.overruns_queries(i0, kBq)) {
+        zero_dq_rows_from(dq, blk.overruns_from(i0) - 64 * m_block, warp, lane);
+      }
+    };
     if constexpr (kOrder == BwdOrder::kLockstep) {
       wgmma_wait<0>();
       fence_accumulators(dq);
       release_stage();
+      drop_foreign_rows();
       dq_adder.add(dq, blk.q_row(i0), warp, lane);
     } else {
       if constexpr (kOrder == BwdOrder::kDkAfterDq) wgmma_pv<T, D, kBq>(dk, dsa, q);
@@ -460,6 +480,7 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
       wgmma_wait<1>();  // dQ is ready; dK still runs while dQ is staged
       fence_accumulators(dq);
       trace.mark(kDq);
+      drop_foreign_rows();
       dq_adder.add(dq, blk.q_row(i0), warp, lane);
       trace.mark(kStage);
       wgmma_wait<0>();
