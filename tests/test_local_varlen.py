@@ -59,6 +59,19 @@ def test_matches_reference(dtype, sequences, window):
     assert out.shape == q.shape and out.is_contiguous()
 
 
+def test_non_finite_rows_of_other_sequences_never_leak():
+    """Non-finite rows that no correct result depends on, in sequences beside real ones: queries
+    without keys (NaN q: out 0, lse -inf, grad 0) and keys without queries (inf k, NaN v). The
+    CUDA kernels' tiles run into such rows (tests/test_local_features_cuda.py has the twin)."""
+    q, k, v, cu_q, cu_k = _packed(([30, 5, 0, 40, 0], [50, 0, 12, 40, 9]), torch.float32)
+    with torch.no_grad():
+        q[30:35] = float("nan")
+        k[50:62], v[50:62] = float("inf"), float("nan")
+        k[102:], v[102:] = float("nan"), float("nan")
+    for window in ((8, 0), (100, 100)):
+        check_varlen_against_reference(q, k, v, cu_q, cu_k, window)
+
+
 @pytest.mark.parametrize("kv_heads", [HEADS, 1], ids=["group1", "mqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gqa(dtype, kv_heads):
