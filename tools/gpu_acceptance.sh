@@ -84,8 +84,9 @@ for d in (64, 128):
     else
       step trace timeout 90 "$PYTHON" tools/fwd_trace.py
     fi
-    step tests timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
-      tests/test_local_cuda.py tests/test_local_features_cuda.py
+    # The issue-14 kernels' tests first: until they pass on a GPU their gate stays.
+    step tests timeout 420 "$PYTHON" -m pytest -q -p no:cacheprovider -m "cuda and not slow" -rfE \
+      tests/test_local_features_cuda.py tests/test_local_cuda.py
     tail -n 12 "$OUT/tests.log"
     tail -n 40 "$OUT/probe.log"
     if [ "$1" = backward ]; then tail -n 12 "$OUT/breakdown.log"; fi
