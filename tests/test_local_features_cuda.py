@@ -216,3 +216,19 @@ def test_bad_offsets_raise_on_the_gpu(unverified):
             fastattn.local_attention_varlen(q, k, v, bad, cu_k, 10, 10, (2, 0))
     with pytest.raises(ValueError, match="max_seqlen_q=5 is shorter"):
         fastattn.local_attention_varlen(q, k, v, good, good, 5, 10, (2, 0))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 1.5], ids=["nocap", "cap1.5"])
+def test_varlen_ops_pass_opcheck(softcap, unverified):
+    """The fake kernels' shapes and strides match the CUDA ones (grad_q in q's layout), and the
+    autograd registration holds, for the packed ops on the GPU."""
+    q_lens, k_lens = [3, 0, 40], [7, 5, 40]
+    q = _packed(q_lens, 4, 64, torch.bfloat16).clone()
+    k, v = (_packed(k_lens, 2, 64, torch.bfloat16).clone() for _ in range(2))
+    rest = (_cu(q_lens), _cu(k_lens), 40, 40, 3, 1, 0.125, softcap)
+    fwd = torch.ops.fastattn.local_attention_varlen_fwd
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(fwd.default, (*leaves, *rest))
+    out, lse = fwd(q, k, v, *rest)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, *rest)
+    torch.library.opcheck(torch.ops.fastattn.local_attention_varlen_bwd.default, bwd_args)
