@@ -108,17 +108,20 @@ struct BwdBlock {
   __device__ __forceinline__ int64_t key_rows(const LocalAttentionParams& p) const {
     return p.seq_len;
   }
+  __device__ __forceinline__ int64_t query_rows(const LocalAttentionParams& p) const {
+    return p.seq_len;
+  }
   template <typename T>
   __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
     return static_cast<T*>(base) + b * s.batch + h * s.head;
   }
-  // For the Hopper backward: the tensors' batch index, the tensor row of query i (and of the
-  // block's first key row), the key position of query 0, query i's lse and delta, and the
-  // dQ scratch's head (its rows are q_row's). Also whether a query tile runs past the queries
-  // into rows of the tensor that are not this block's (never, here).
+  // As SeqHead has them: the tensors' batch index, the tensor rows of query i and key j, the
+  // key position of query 0; and query i's lse and delta, the dQ scratch's head (its rows are
+  // q_row's), whether a query tile runs past the queries into rows of the tensor that are not
+  // this block's (never, here).
   __device__ __forceinline__ int64_t tensor_batch() const { return b; }
   __device__ __forceinline__ int64_t q_row(int64_t i) const { return i; }
-  __device__ __forceinline__ int64_t k_row0_of() const { return 0; }
+  __device__ __forceinline__ int64_t k_row(int64_t j) const { return j; }
   __device__ __forceinline__ int64_t position_offset() const { return 0; }
   __device__ __forceinline__ QueryStats stats(const LocalAttentionBwdParams& p, int64_t i) const {
     return QueryStats(p, bh, i);
@@ -131,24 +134,14 @@ struct BwdBlock {
 // BwdBlock for the calls the fast kernels do not take yet (see SeqFwdBlock): a key tile of one
 // Sequence, key and query rows counted from the sequence's first, queries at key position
 // i + offset. lse0: the lse / delta / dQ-scratch row of the sequence's first query.
-struct SeqBwdBlock {
-  int64_t tb, h, kvh, k0, keys, k_rows, offset, lq, q_row0, k_row0, qlo, lse0, dq_head_index;
+struct SeqBwdBlock : SeqHead {
+  int64_t k0, qlo;
   int n_tiles;
 
   __device__ __forceinline__ SeqBwdBlock(const LocalAttentionParams& p, int64_t work,
-                                         int64_t k_tiles, int bc, int bq) {
-    const int64_t tile = work % k_tiles, bh = work / k_tiles;
-    h = bh % p.heads;
-    const Sequence s = sequence(p, bh / p.heads);
-    tb = s.tb;
-    kvh = kv_head(p, h);
-    keys = s.lk;
-    k_rows = s.k_rows;
-    offset = s.offset;
-    lq = s.lq;
-    q_row0 = s.q0;
-    k_row0 = s.k0;
-    k0 = tile * bc;
+                                         int64_t k_tiles, int bc, int bq)
+      : SeqHead(p, work / k_tiles) {
+    k0 = work % k_tiles * bc;
     // Queries that see one of the keys [k0, last_key]: key - right <= i + offset <= key + left.
     const int64_t last_key = (k0 + bc < keys ? k0 + bc : keys) - 1;
     const int64_t first_query = k0 - p.window_right - offset;
@@ -156,23 +149,18 @@ struct SeqBwdBlock {
     const int64_t last_query = last_key + p.window_left - offset;
     const int64_t qhi = last_query < lq - 1 ? last_query : lq - 1;
     n_tiles = last_key >= k0 && qhi >= qlo ? static_cast<int>((qhi - qlo + bq) / bq) : 0;
-    lse0 = (tb * p.heads + h) * p.seq_len + q_row0;
-    dq_head_index = tb * p.heads + h;
   }
 
   __device__ __forceinline__ int64_t key_rows(const LocalAttentionParams&) const { return k_rows; }
+  __device__ __forceinline__ int64_t query_rows(const LocalAttentionParams&) const { return lq; }
   template <typename T>
   __device__ __forceinline__ T* grad_head(void* base, const TensorStrides& s) const {
     return static_cast<T*>(base) + tb * s.batch + h * s.head + k_row0 * s.seq;
   }
-  __device__ __forceinline__ int64_t tensor_batch() const { return tb; }
-  __device__ __forceinline__ int64_t q_row(int64_t i) const { return q_row0 + i; }
-  __device__ __forceinline__ int64_t k_row0_of() const { return k_row0; }
-  __device__ __forceinline__ int64_t position_offset() const { return offset; }
   __device__ __forceinline__ QueryStats stats(const LocalAttentionBwdParams& p, int64_t i) const {
     return QueryStats(p, lse0 + i, i < lq);
   }
-  __device__ __forceinline__ int64_t dq_head() const { return dq_head_index; }
+  __device__ __forceinline__ int64_t dq_head() const { return head_row; }
   // A tile of bq queries from i0 that runs past the sequence's last query holds rows that are
   // not its own: the next sequence's, or rows past the tensor.
   __device__ __forceinline__ bool overruns_queries(int64_t i0, int bq) const {
@@ -256,20 +244,11 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
   const int64_t h = blk.h, keys = blk.keys, k0 = blk.k0, qlo = blk.qlo;
   const int n_tiles = blk.n_tiles;
   const int64_t left = p.window_left, right = p.window_right;
-  // The queries' rows, the first query's lse / delta / dQ-scratch row, and the query offset
-  // (queries sit at key position i + offset) of the kSeq variant; the defaults otherwise.
-  int64_t L = p.seq_len, stats0 = 0, offset = 0, b = 0, q_row0 = 0, k_row0 = 0;
-  if constexpr (kSeq) {
-    L = blk.lq;
-    stats0 = blk.lse0;
-    offset = blk.offset;
-    b = blk.tb;
-    q_row0 = blk.q_row0;
-    k_row0 = blk.k_row0;
-  } else {
-    b = blk.b;
-    stats0 = blk.bh * p.seq_len;
-  }
+  // The queries' rows, the query offset (queries sit at key position i + offset), the tensor
+  // rows of the first query and key, and the dQ-scratch row of the first query.
+  const int64_t L = blk.query_rows(p), offset = blk.position_offset(), b = blk.tensor_batch();
+  const int64_t q_row0 = blk.q_row(0), k_row0 = blk.k_row(0);
+  const int64_t stats0 = blk.dq_head() * p.seq_len + q_row0;
   const T* qg = head_ptr<T>(p.q, p.q_strides, b, h) + q_row0 * p.q_strides.seq;
   const T* kg = head_ptr<T>(p.k, p.k_strides, b, blk.kvh) + k_row0 * p.k_strides.seq;
   const T* vg = head_ptr<T>(p.v, p.v_strides, b, blk.kvh) + k_row0 * p.v_strides.seq;
@@ -287,12 +266,7 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads)
     load_rows<T, D, kBq, kThreads>(sdO + st * kBq * kLd, kLd, dog, p.grad_out_strides.seq, i0, L,
                                    rows_aligned, tid);
     if (tid < kBq) {
-      QueryStats stats;
-      if constexpr (kSeq) {
-        stats = QueryStats(p, stats0 + i0 + tid, i0 + tid < L);
-      } else {
-        stats = QueryStats(p, blk.bh, i0 + tid);
-      }
+      const QueryStats stats = blk.stats(p, i0 + tid);
       sLse[st * kBq + tid] = stats.lse;
       sDelta[st * kBq + tid] = stats.delta;
     }

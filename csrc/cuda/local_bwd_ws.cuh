@@ -347,9 +347,9 @@ __device__ __forceinline__ void ws_bwd_consume(const LocalAttentionBwdParams& p,
   zero(dv);
   if (blk.n_tiles > 0) {
     const T* kg = head_ptr<T>(p.k, p.k_strides, blk.tensor_batch(), blk.kvh) +
-                  blk.k_row0_of() * p.k_strides.seq;
+                  blk.k_row(0) * p.k_strides.seq;
     const T* vg = head_ptr<T>(p.v, p.v_strides, blk.tensor_batch(), blk.kvh) +
-                  blk.k_row0_of() * p.v_strides.seq;
+                  blk.k_row(0) * p.v_strides.seq;
     load_rows<T, D, kBc, kConsumers, true>(sm.k, 0, kg, p.k_strides.seq, blk.k0, blk.keys, true,
                                            ctid);
     load_rows<T, D, kBc, kConsumers, true>(sm.v, 0, vg, p.v_strides.seq, blk.k0, blk.keys, true,

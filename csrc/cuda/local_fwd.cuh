@@ -84,41 +84,30 @@ struct FwdBlock {
   }
 };
 
-// FwdBlock for the calls the fast kernels do not take yet (issue 14): a KV cache (Lq != Lk,
-// queries bottom-right aligned), packed sequences (cu_seqlens), soft-capping. It walks one
-// Sequence (local_attention_params.h, the rule the CPU kernels follow too): q0 and the rows
-// are the sequence's own, and query i sits at key position i + offset.
+// FwdBlock for the calls of the general kernels (kSeq, issue 14): a KV cache (Lq != Lk, queries
+// bottom-right aligned), packed sequences (cu_seqlens), soft-capping. A query tile of one
+// SeqHead: q0 and the rows are the sequence's own, and query i sits at key position i + offset.
 template <typename T>
-struct SeqFwdBlock {
-  int64_t h, kvh, q0, keys, lo, offset, lq, lse0, tb, q_row0, k_row0;
+struct SeqFwdBlock : SeqHead {
+  int64_t q0, lo;
   int n_tiles;
   const T *q, *k, *v;
   T* out;
 
   __device__ __forceinline__ SeqFwdBlock(const LocalAttentionParams& p, int64_t work,
-                                         int64_t q_tiles, int br, int bc) {
-    const int64_t tile = work % q_tiles, bh = work / q_tiles;
-    h = bh % p.heads;
-    const Sequence s = sequence(p, bh / p.heads);
-    kvh = kv_head(p, h);
-    keys = s.lk;
-    offset = s.offset;
-    lq = s.lq;
-    tb = s.tb;
-    q_row0 = s.q0;
-    k_row0 = s.k0;
-    q0 = tile * br;
+                                         int64_t q_tiles, int br, int bc)
+      : SeqHead(p, work / q_tiles) {
+    q0 = work % q_tiles * br;
     const int64_t first = q0 + offset - p.window_left;
     lo = first > 0 ? first : 0;
     const int64_t last = q0 + br - 1 + offset + p.window_right;
     const int64_t hi = last < keys - 1 ? last : keys - 1;
     n_tiles = q0 < lq && hi >= lo ? static_cast<int>((hi - lo + bc) / bc) : 0;
-    q = head_ptr<T>(p.q, p.q_strides, s.tb, h) + s.q0 * p.q_strides.seq;
-    k = head_ptr<T>(p.k, p.k_strides, s.tb, kvh) + s.k0 * p.k_strides.seq;
-    v = head_ptr<T>(p.v, p.v_strides, s.tb, kvh) + s.k0 * p.v_strides.seq;
-    out = static_cast<T*>(p.out) + s.tb * p.out_strides.batch + h * p.out_strides.head +
-          s.q0 * p.out_strides.seq;
-    lse0 = (s.tb * p.heads + h) * p.seq_len + s.q0;
+    q = head_ptr<T>(p.q, p.q_strides, tb, h) + q_row0 * p.q_strides.seq;
+    k = head_ptr<T>(p.k, p.k_strides, tb, kvh) + k_row0 * p.k_strides.seq;
+    v = head_ptr<T>(p.v, p.v_strides, tb, kvh) + k_row0 * p.v_strides.seq;
+    out = static_cast<T*>(p.out) + tb * p.out_strides.batch + h * p.out_strides.head +
+          q_row0 * p.out_strides.seq;
   }
 
   __device__ __forceinline__ int64_t query_rows(const LocalAttentionParams&) const { return lq; }
@@ -126,10 +115,6 @@ struct SeqFwdBlock {
   __device__ __forceinline__ int64_t lse_index(const LocalAttentionParams&, int64_t qi) const {
     return lse0 + qi;
   }
-  __device__ __forceinline__ int64_t tensor_batch() const { return tb; }
-  __device__ __forceinline__ int64_t q_row(int64_t i) const { return q_row0 + i; }
-  __device__ __forceinline__ int64_t k_row(int64_t j) const { return k_row0 + j; }
-  __device__ __forceinline__ int64_t position_offset() const { return offset; }
   // Past a sequence's keys lie the next sequence's rows, or a cache's unfilled ones.
   __device__ __forceinline__ bool keys_end_in_memory(const LocalAttentionParams&) const {
     return true;

@@ -25,6 +25,37 @@ __device__ __forceinline__ int64_t valid_keys(const LocalAttentionParams& p, int
   return n < 0 ? 0 : (n > p.seq_len ? p.seq_len : n);
 }
 
+// One (sequence, query head) of a call that takes the general kernels (kSeq: a KV cache, packed
+// sequences, soft-capping): its Sequence's rows and alignment (local_attention_params.h, the
+// rule the CPU kernels follow too) and its k / v head. SeqFwdBlock and SeqBwdBlock add a tile.
+struct SeqHead {
+  int64_t h, kvh, tb, keys, k_rows, offset, lq, q_row0, k_row0;
+  int64_t head_row;  // (tensor batch, head) of lse, delta and the dQ scratch (p.seq_len rows)
+  int64_t lse0;      // their row of the sequence's first query
+
+  __device__ __forceinline__ SeqHead(const LocalAttentionParams& p, int64_t bh) {
+    h = bh % p.heads;
+    const Sequence s = sequence(p, bh / p.heads);
+    kvh = kv_head(p, h);
+    tb = s.tb;
+    keys = s.lk;
+    k_rows = s.k_rows;
+    offset = s.offset;
+    lq = s.lq;
+    q_row0 = s.q0;
+    k_row0 = s.k0;
+    head_row = tb * p.heads + h;
+    lse0 = head_row * p.seq_len + q_row0;
+  }
+
+  // The tensors' batch index, the tensor rows of query i and key j, the key position of
+  // query 0 (as the default blocks have them: b, i, j, 0).
+  __device__ __forceinline__ int64_t tensor_batch() const { return tb; }
+  __device__ __forceinline__ int64_t q_row(int64_t i) const { return q_row0 + i; }
+  __device__ __forceinline__ int64_t k_row(int64_t j) const { return k_row0 + j; }
+  __device__ __forceinline__ int64_t position_offset() const { return offset; }
+};
+
 template <typename T>
 __device__ __forceinline__ const T* head_ptr(const void* base, const TensorStrides& s, int64_t b,
                                              int64_t h) {
