@@ -79,7 +79,7 @@ inline const int32_t* lengths_ptr(const c10::optional<at::Tensor>& lengths, cons
 
 inline void check_softcap(double softcap) {
   TORCH_CHECK_VALUE(softcap >= 0 && softcap < std::numeric_limits<double>::infinity(),
-              "fastattn: softcap must be finite and >= 0 (0 = off), got ", softcap);
+                    "fastattn: softcap must be finite and >= 0 (0 = off), got ", softcap);
 }
 
 // What an ordinary and a packed batch share: pointers, strides, heads and rows, window, scale.
@@ -155,13 +155,13 @@ inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::T
   TORCH_CHECK_VALUE(offsets[0] == 0, "fastattn: ", name, "[0] must be 0, got ", offsets[0]);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t length = int64_t{offsets[i + 1]} - offsets[i];
-    TORCH_CHECK_VALUE(length >= 0, "fastattn: ", name, " must be non-decreasing, got ", name, "[",
-                i, "]=", offsets[i], " > ", name, "[", i + 1, "]=", offsets[i + 1]);
+    TORCH_CHECK_VALUE(length >= 0, "fastattn: ", name, " must be non-decreasing, got ", name,
+                      "[", i, "]=", offsets[i], " > ", name, "[", i + 1, "]=", offsets[i + 1]);
     TORCH_CHECK_VALUE(length <= max_seqlen, "fastattn: ", max_name, "=", max_seqlen,
-                " is shorter than sequence ", i, " of ", name, " (", length, " rows)");
+                      " is shorter than sequence ", i, " of ", name, " (", length, " rows)");
   }
-  TORCH_CHECK_VALUE(offsets[n] == total, "fastattn: ", name, "[-1] must equal the rows of its tensor (",
-              total, "), got ", offsets[n]);
+  TORCH_CHECK_VALUE(offsets[n] == total, "fastattn: ", name,
+                    "[-1] must equal the rows of its tensor (", total, "), got ", offsets[n]);
 }
 
 inline LocalAttentionParams make_varlen_params(
@@ -173,8 +173,8 @@ inline LocalAttentionParams make_varlen_params(
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, q.size(0), max_seqlen_q, "max_seqlen_q");
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, k.size(0), max_seqlen_k, "max_seqlen_k");
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-              "fastattn: cu_seqlens_q and cu_seqlens_k must have the same length (N + 1), got ",
-              cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
+                    "fastattn: cu_seqlens_q and cu_seqlens_k must have the same length (N + 1), "
+                    "got ", cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
   LocalAttentionParams p =
       common_params(q, k, v, out, lse, window_left, window_right, scale, softcap);
   p.batch = cu_seqlens_q.size(0) - 1;
